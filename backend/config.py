@@ -1,0 +1,288 @@
+"""The pipeline's typed config tree and its presets.
+
+One tree of dataclasses configures a whole job: the three stages (coarse NeuS, DMTet geometry,
+BSD texture), the cameras and the streaming cadence. Presets are plain Python objects
+(`PRESETS["draft" | "standard" | "high" | "tiny"]`); a job's config is a preset with the job's
+params applied (`config_for_job`). The `tiny` preset is what the server and the CLI use with the
+tiny test models (`--models tiny`): small renders, a small DMTet grid, few steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+STAGES: tuple[str, ...] = ("coarse", "geometry", "texture")
+"""The pipeline's stages, in the order they run."""
+
+
+@dataclass(frozen=True)
+class CoarseConfig:
+    """Stage 1: a NeuS field optimised with hybrid SDS and reference-view losses."""
+
+    steps: int
+    """Optimisation steps; 0 skips the stage (only allowed for refine jobs)."""
+    render_res: int
+    """Side in pixels of the square NeuS renders fed to the guidance."""
+    num_samples: int
+    """Samples per ray of the NeuS volume renderer."""
+    batch: int = 1
+    """Random views per step."""
+    lr: float = 1e-2
+    """Adam learning rate of the hash grid; the MLPs use a tenth of it."""
+    sds_weight: float = 1.0
+    """Weight of the 2D-prior SDS loss."""
+    zero123_weight: float = 0.5
+    """mu: weight of Zero123's 3D-SDS relative to the 2D prior (image jobs only)."""
+    ref_rgb_weight: float = 1000.0
+    """Reference-view RGB loss weight (image jobs only)."""
+    ref_mask_weight: float = 100.0
+    """Reference-view mask loss weight (image jobs only)."""
+    ref_depth_weight: float = 0.05
+    """Reference-view depth-correlation loss weight (image jobs only)."""
+    ref_normal_weight: float = 0.0
+    """Reference-view normal loss weight (needs a normal estimate; 0 disables)."""
+    eikonal_weight: float = 0.1
+    """Eikonal regulariser weight on the SDF gradient norm."""
+    sparsity_weight: float = 0.01
+    """Opacity sparsity weight, keeps empty space empty."""
+    widen_fraction: float = 0.5
+    """Fraction of the stage over which the view range widens from the reference view to the full
+    range (progressive view training)."""
+    t_max_start: float = 0.98
+    """Largest diffusion timestep (fraction of the schedule) at the stage start."""
+    t_max_end: float = 0.5
+    """Largest diffusion timestep at the stage end (annealed linearly)."""
+    t_min: float = 0.02
+    """Smallest diffusion timestep."""
+    guidance_scale: float = 100.0
+    """Classifier-free guidance scale of the 2D prior."""
+    mesh_res: int = 64
+    """DMTet grid resolution used to extract the streamed meshes from the SDF."""
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    """Stage 2: a DMTet mesh built from the NeuS SDF, refined on rasterised normal renders."""
+
+    steps: int
+    """Optimisation steps; 0 extracts the DMTet mesh once and goes on to the texture."""
+    render_res: int
+    """Side in pixels of the rasterised normal/shaded renders."""
+    dmtet_res: int
+    """Resolution of the tetrahedral grid (cells along one side)."""
+    batch: int = 1
+    """Random views per step."""
+    lr: float = 5e-3
+    """Adam learning rate of the SDF values and vertex offsets."""
+    sds_weight: float = 1.0
+    """Weight of the 2D-prior SDS on normal-shaded renders."""
+    zero123_weight: float = 0.5
+    """Weight of Zero123's 3D-SDS (image jobs only)."""
+    ref_mask_weight: float = 100.0
+    """Reference-view mask loss weight (image jobs only)."""
+    ref_depth_weight: float = 0.05
+    """Reference-view depth-correlation loss weight (image jobs only)."""
+    normal_consistency_weight: float = 1.0
+    """Weight of the neighbouring-face normal consistency regulariser."""
+    t_max: float = 0.5
+    """Largest diffusion timestep: geometry refines, it does not reinvent."""
+    t_min: float = 0.02
+    """Smallest diffusion timestep."""
+    guidance_scale: float = 100.0
+    """Classifier-free guidance scale of the 2D prior."""
+
+
+@dataclass(frozen=True)
+class TextureConfig:
+    """Stage 3: a colour field on the fixed surface, sharpened by BSD, then baked into UVs."""
+
+    steps: int
+    """Optimisation steps; 0 bakes the current colours without optimising."""
+    render_res: int
+    """Side in pixels of the rasterised colour renders."""
+    batch: int = 1
+    """Random views per step."""
+    lr: float = 1e-2
+    """Adam learning rate of the colour field."""
+    bsd_weight: float = 1.0
+    """Weight of the BSD (VSD with the bootstrapped prior) loss."""
+    ref_rgb_weight: float = 1000.0
+    """Reference-view RGB loss weight (image jobs only)."""
+    lora_every: int = 1
+    """Alternation: one LoRA update of the prior every this many colour steps."""
+    bootstrap_every: int = 100
+    """Steps between bootstrap rounds (the DreamBooth-style fine-tune on restored renders)."""
+    init_fit_steps: int = 50
+    """Steps fitting the colour field to an input texture before the stage (refine with a
+    texture)."""
+    t_max: float = 0.5
+    """Largest diffusion timestep."""
+    t_min: float = 0.02
+    """Smallest diffusion timestep."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale (VSD works at low scales)."""
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """The view ranges random training cameras are drawn from, and the reference camera."""
+
+    elevation_deg: tuple[float, float] = (-10.0, 45.0)
+    """[min, max] elevation in degrees."""
+    azimuth_deg: tuple[float, float] = (-180.0, 180.0)
+    """[min, max] azimuth in degrees (0 = front, looking along +Y)."""
+    distance: tuple[float, float] = (3.8, 3.8)
+    """[min, max] distance of the camera from the origin, scene units."""
+    fov_deg: tuple[float, float] = (20.0, 20.0)
+    """[min, max] vertical field of view in degrees."""
+    reference: tuple[float, float, float, float] = (0.0, 0.0, 3.8, 20.0)
+    """The reference view: (elevation_deg, azimuth_deg, distance, fov_deg)."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How often the pipeline streams meshes and previews and writes checkpoints."""
+
+    mesh_every: int = 250
+    """A `mesh` event every this many steps (and one at the end of each stage)."""
+    preview_every: int = 25
+    """A PNG preview with `progress` every this many steps."""
+    checkpoint_every: int = 200
+    """A checkpoint every this many steps (and one at each stage start)."""
+    preview_res: int = 128
+    """Side in pixels of the preview PNGs."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything one job needs to run."""
+
+    quality: str
+    """The preset this config started from: draft, standard, high or tiny."""
+    coarse: CoarseConfig
+    """Stage 1 settings."""
+    geometry: GeometryConfig
+    """Stage 2 settings."""
+    texture: TextureConfig
+    """Stage 3 settings."""
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    """Camera ranges and the reference view."""
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    """Streaming and checkpoint cadence."""
+    texture_size: int = 1024
+    """Side in pixels of the baked texture."""
+    seed: int = 0
+    """Seed of every random draw (cameras, noise, timesteps)."""
+
+    def stage_steps(self, stage: str) -> int:
+        """The step count of `stage` ("coarse" | "geometry" | "texture")."""
+        return getattr(self, stage).steps
+
+
+PRESETS: dict[str, PipelineConfig] = {
+    "draft": PipelineConfig(
+        quality="draft",
+        coarse=CoarseConfig(steps=600, render_res=64, num_samples=64, mesh_res=64),
+        geometry=GeometryConfig(steps=300, render_res=256, dmtet_res=64),
+        texture=TextureConfig(steps=300, render_res=256, bootstrap_every=100),
+        texture_size=1024,
+    ),
+    "standard": PipelineConfig(
+        quality="standard",
+        coarse=CoarseConfig(steps=2000, render_res=128, num_samples=96, mesh_res=96),
+        geometry=GeometryConfig(steps=1000, render_res=512, dmtet_res=128),
+        texture=TextureConfig(steps=1000, render_res=512, bootstrap_every=250),
+        texture_size=1024,
+    ),
+    "high": PipelineConfig(
+        quality="high",
+        coarse=CoarseConfig(steps=5000, render_res=256, num_samples=128, mesh_res=128),
+        geometry=GeometryConfig(steps=3000, render_res=512, dmtet_res=192),
+        texture=TextureConfig(steps=3000, render_res=512, bootstrap_every=500),
+        texture_size=2048,
+    ),
+    # The test preset: what runs with the tiny models on a CPU in seconds.
+    "tiny": PipelineConfig(
+        quality="tiny",
+        coarse=CoarseConfig(steps=12, render_res=32, num_samples=16, mesh_res=16, lr=2e-2),
+        geometry=GeometryConfig(steps=6, render_res=32, dmtet_res=16),
+        texture=TextureConfig(
+            steps=6, render_res=32, bootstrap_every=3, init_fit_steps=4, lora_every=2
+        ),
+        stream=StreamConfig(preview_res=32),
+        texture_size=256,
+    ),
+}
+"""The presets by name; `quality` in the params picks one of draft, standard, high."""
+
+
+def _get(params: Any, name: str, default: Any = None) -> Any:
+    """A field of a typed params object or of a plain dict."""
+    if isinstance(params, Mapping):
+        return params.get(name, default)
+    return getattr(params, name, default)
+
+
+def _pair(value: Any) -> tuple[float, float]:
+    low, high = value
+    return (float(low), float(high))
+
+
+def camera_from_params(camera: Any) -> CameraConfig:
+    """A `CameraConfig` from the `camera` map (or typed object) of validated params."""
+    if camera is None:
+        return CameraConfig()
+    defaults = CameraConfig()
+    reference = _get(camera, "reference")
+    ref = defaults.reference
+    if reference is not None:
+        ref = (
+            float(_get(reference, "elevation_deg", ref[0])),
+            float(_get(reference, "azimuth_deg", ref[1])),
+            float(_get(reference, "distance", ref[2])),
+            float(_get(reference, "fov_deg", ref[3])),
+        )
+    return CameraConfig(
+        elevation_deg=_pair(_get(camera, "elevation_deg", defaults.elevation_deg)),
+        azimuth_deg=_pair(_get(camera, "azimuth_deg", defaults.azimuth_deg)),
+        distance=_pair(_get(camera, "distance", defaults.distance)),
+        fov_deg=_pair(_get(camera, "fov_deg", defaults.fov_deg)),
+        reference=ref,
+    )
+
+
+def config_for_job(params: Any, preset: str | None = None) -> PipelineConfig:
+    """The config of one job: the preset (`preset`, else the params' `quality`) with the params'
+    step overrides, seed, texture size, camera ranges and streaming cadence applied.
+
+    `params` is validated `GenerateParams` / `RefineParams` (or a dict with the same fields).
+    """
+    name = preset or _get(params, "quality", "standard")
+    if name not in PRESETS:
+        raise ValueError(f"quality: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    base = PRESETS[name]
+    steps = dict(_get(params, "steps", None) or {})
+    for stage, count in steps.items():
+        if stage not in STAGES:
+            raise ValueError(f"steps.{stage}: unknown stage; expected one of {list(STAGES)}")
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"steps.{stage}: expected an integer >= 0, got {count!r}")
+    stream = dataclasses.replace(
+        base.stream,
+        mesh_every=int(_get(params, "mesh_every", base.stream.mesh_every)),
+        preview_every=int(_get(params, "preview_every", base.stream.preview_every)),
+    )
+    return dataclasses.replace(
+        base,
+        coarse=dataclasses.replace(base.coarse, steps=steps.get("coarse", base.coarse.steps)),
+        geometry=dataclasses.replace(
+            base.geometry, steps=steps.get("geometry", base.geometry.steps)
+        ),
+        texture=dataclasses.replace(base.texture, steps=steps.get("texture", base.texture.steps)),
+        camera=camera_from_params(_get(params, "camera", None)),
+        stream=stream,
+        texture_size=int(_get(params, "texture_size", base.texture_size)),
+        seed=int(_get(params, "seed", base.seed)),
+    )
