@@ -1,0 +1,104 @@
+"""`python -m backend serve|generate|refine`.
+
+Each subcommand lives in a module that has `add_subcommands(subparsers)`: it adds its parsers and
+sets `handler=` (a function `args -> exit code`) on each with `set_defaults`. `serve` is
+defined here; the modules in `SUBCOMMAND_MODULES` add the others. Nothing here imports torch:
+`--help` works (and is quick) on a machine without CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+SUBCOMMAND_MODULES: tuple[str, ...] = ("backend.cli_generate",)
+"""Modules whose `add_subcommands(subparsers)` registers more subcommands (generate, refine)."""
+
+EXIT_CONFIG = 2
+"""Exit status for settings the server cannot start with."""
+
+
+def default_store_dir() -> Path:
+    """The job store when `--store` is not given: the user's data folder for dreamloom."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("dreamloom")) / "store"
+
+
+def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    """Register `serve`."""
+    from backend.server import DEFAULT_BIND, DEFAULT_MAX_QUEUE
+
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the backend server (ZeroMQ ROUTER + job store)",
+        description="Serve jobs to Dreamloom clients over ZeroMQ; jobs are kept in --store.",
+    )
+    serve.add_argument("--bind", default=DEFAULT_BIND, help=f"ZeroMQ address to bind (default {DEFAULT_BIND})")
+    serve.add_argument("--store", type=Path, default=None,
+                       help="job store folder (default: the user's data folder, dreamloom/store)")
+    serve.add_argument("--keys", type=Path, default=None,
+                       help="CurveZMQ key folder (python -m protocol.keys server DIR); required off loopback")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback --bind without --keys (unencrypted, unauthenticated)")
+    serve.add_argument("--models", default="default", help="model set the pipeline loads (default: default)")
+    serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                       help=f"most waiting jobs; more get queue_full (default {DEFAULT_MAX_QUEUE})")
+    serve.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="device for the pipeline (default cuda)")
+    serve.add_argument("--verbose", action="store_true", help="debug logging")
+    serve.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`serve`: check the settings, build the runner, serve until SIGINT/SIGTERM."""
+    from backend.logging_setup import configure_logging
+    from backend.server import ConfigError, ServerConfig, check_bind_security, load_runner, serve
+    from protocol.transport import is_loopback
+
+    if args.max_queue < 1:
+        return _refuse(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.keys is not None and not args.keys.is_dir():
+        return _refuse(f"--keys {args.keys} is not a folder (make one with `python -m protocol.keys server DIR`)")
+    config = ServerConfig(
+        store_dir=args.store if args.store is not None else default_store_dir(),
+        bind=args.bind, keys_dir=args.keys, insecure=args.insecure,
+        max_queue=args.max_queue, device=args.device, models=args.models,
+    )
+    try:
+        check_bind_security(config, is_loopback)
+    except ConfigError as exc:
+        return _refuse(str(exc))
+    configure_logging(config.store_dir, verbose=args.verbose)
+    try:
+        runner, missing = load_runner(config.models, config.device)
+    except Exception as exc:  # the pipeline exists but cannot run here: say why, do not serve
+        return _refuse(f"cannot load the pipeline (--models {config.models} --device {config.device}): "
+                       f"{type(exc).__name__}: {exc}")
+    return serve(config, runner, missing)
+
+
+def _refuse(reason: str) -> int:
+    sys.stderr.write(f"python -m backend serve: error: {reason}\n")
+    return EXIT_CONFIG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m backend` parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="python -m backend", description="Dreamloom backend")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_subcommand(subparsers)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_subcommands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
