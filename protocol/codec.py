@@ -92,7 +92,7 @@ def _array_frame(name: str, array: np.ndarray) -> tuple[str, list[int], memoryvi
     """(dtype name, shape, zero-copy byte view) of a numpy buffer."""
     for dtype_name, dtype in BUFFER_DTYPES.items():
         if dtype is not None and array.dtype.kind == dtype.kind and array.dtype.itemsize == dtype.itemsize:
-            contiguous = np.ascontiguousarray(array, dtype=dtype)  # no copy when already fine
+            contiguous = array.astype(dtype, order="C", copy=False)  # no copy when already fine
             return dtype_name, list(contiguous.shape), memoryview(contiguous.reshape(-1).view(np.uint8))
     raise ValueError(
         f"buffer {name!r} has dtype {array.dtype}; allowed: u1 i4 u4 f2 f4 arrays or bytes"
