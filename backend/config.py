@@ -50,16 +50,32 @@ class CoarseConfig:
     widen_fraction: float = 0.5
     """Fraction of the stage over which the view range widens from the reference view to the full
     range (progressive view training)."""
-    t_max_start: float = 0.98
-    """Largest diffusion timestep (fraction of the schedule) at the stage start."""
-    t_max_end: float = 0.5
-    """Largest diffusion timestep at the stage end (annealed linearly)."""
-    t_min: float = 0.02
-    """Smallest diffusion timestep."""
-    guidance_scale: float = 100.0
+    t_start: tuple[float, float] = (0.7, 0.85)
+    """Diffusion timestep range (fractions of T) at the stage start: large t shapes."""
+    t_end: tuple[float, float] = (0.2, 0.5)
+    """Timestep range at the stage end (annealed linearly over the stage): small t details."""
+    guidance_scale: float = 50.0
     """Classifier-free guidance scale of the 2D prior."""
+    guidance_scale_3d: float = 5.0
+    """Classifier-free guidance scale of Zero123."""
     mesh_res: int = 64
     """DMTet grid resolution used to extract the streamed meshes from the SDF."""
+    grid_levels: int = 16
+    """Hash-grid levels of the NeuS field."""
+    grid_log2_table_size: int = 19
+    """log2 of the rows of each hash-grid level's table."""
+    grid_start_levels: int = 8
+    """Hash-grid levels active at step 0 (coarse-to-fine); 0 = all from the start."""
+    grid_level_every: int = 100
+    """One more hash-grid level every this many steps."""
+    hidden_dim: int = 64
+    """Width of the NeuS MLPs."""
+    occupancy_res: int = 64
+    """Resolution of the occupancy grid that skips empty space (0 disables it)."""
+    occupancy_every: int = 16
+    """Steps between occupancy-grid updates."""
+    cos_anneal_steps: int = 500
+    """NeuS's cosine annealing of the alpha over this many steps."""
 
 
 @dataclass(frozen=True)
@@ -86,12 +102,12 @@ class GeometryConfig:
     """Reference-view depth-correlation loss weight (image jobs only)."""
     normal_consistency_weight: float = 1.0
     """Weight of the neighbouring-face normal consistency regulariser."""
-    t_max: float = 0.5
-    """Largest diffusion timestep: geometry refines, it does not reinvent."""
-    t_min: float = 0.02
-    """Smallest diffusion timestep."""
-    guidance_scale: float = 100.0
+    t_range: tuple[float, float] = (0.02, 0.5)
+    """Diffusion timestep range (fractions of T), fixed: geometry refines, it does not reinvent."""
+    guidance_scale: float = 50.0
     """Classifier-free guidance scale of the 2D prior."""
+    guidance_scale_3d: float = 5.0
+    """Classifier-free guidance scale of Zero123."""
 
 
 @dataclass(frozen=True)
@@ -117,10 +133,14 @@ class TextureConfig:
     init_fit_steps: int = 50
     """Steps fitting the colour field to an input texture before the stage (refine with a
     texture)."""
-    t_max: float = 0.5
-    """Largest diffusion timestep."""
-    t_min: float = 0.02
-    """Smallest diffusion timestep."""
+    t_range: tuple[float, float] = (0.02, 0.5)
+    """Diffusion timestep range (fractions of T) of the VSD loss."""
+    color_levels: int = 16
+    """Hash-grid levels of the colour field."""
+    color_log2_table_size: int = 19
+    """log2 of the rows of each colour hash-grid level's table."""
+    color_hidden_dim: int = 64
+    """Width of the colour field's MLP."""
     guidance_scale: float = 7.5
     """Classifier-free guidance scale (VSD works at low scales)."""
 
@@ -206,10 +226,15 @@ PRESETS: dict[str, PipelineConfig] = {
     # The test preset: what runs with the tiny models on a CPU in seconds.
     "tiny": PipelineConfig(
         quality="tiny",
-        coarse=CoarseConfig(steps=12, render_res=32, num_samples=16, mesh_res=16, lr=2e-2),
+        coarse=CoarseConfig(
+            steps=12, render_res=32, num_samples=16, mesh_res=16, lr=2e-2, grid_levels=4,
+            grid_log2_table_size=12, grid_start_levels=0, hidden_dim=16, occupancy_res=16,
+            occupancy_every=4, cos_anneal_steps=8,
+        ),
         geometry=GeometryConfig(steps=6, render_res=32, dmtet_res=16),
         texture=TextureConfig(
-            steps=6, render_res=32, bootstrap_every=3, init_fit_steps=4, lora_every=2
+            steps=6, render_res=32, bootstrap_every=3, init_fit_steps=4, lora_every=2,
+            color_levels=4, color_log2_table_size=12, color_hidden_dim=16,
         ),
         stream=StreamConfig(preview_res=32),
         texture_size=256,
@@ -263,12 +288,15 @@ def config_for_job(params: Any, preset: str | None = None) -> PipelineConfig:
     if name not in PRESETS:
         raise ValueError(f"quality: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     base = PRESETS[name]
-    steps = dict(_get(params, "steps", None) or {})
-    for stage, count in steps.items():
-        if stage not in STAGES:
-            raise ValueError(f"steps.{stage}: unknown stage; expected one of {list(STAGES)}")
+    overrides = _get(params, "steps", None)
+    steps: dict[str, int] = {}
+    for stage in STAGES:
+        count = _get(overrides, stage, None) if overrides is not None else None
+        if count is None:
+            continue
         if not isinstance(count, int) or count < 0:
             raise ValueError(f"steps.{stage}: expected an integer >= 0, got {count!r}")
+        steps[stage] = count
     stream = dataclasses.replace(
         base.stream,
         mesh_every=int(_get(params, "mesh_every", base.stream.mesh_every)),
