@@ -1,0 +1,114 @@
+"""The sidebar panel: 3D viewport, tab "Dreamloom"."""
+
+from __future__ import annotations
+
+import bpy
+from bpy.types import Panel
+
+from . import runtime
+
+FINISHED = ("done", "failed", "cancelled")
+
+
+def eta_text(seconds: float) -> str:
+    """"1 min 05 s left" style text (empty when unknown)."""
+    if seconds < 0:
+        return ""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f", {minutes} min {secs:02d} s left" if minutes else f", {secs} s left"
+
+
+class DREAMLOOM_PT_main(Panel):
+    """Prompt, reference, camera, quality; Generate; progress; preview; jobs; Refine texture."""
+
+    bl_label = "Dreamloom"
+    bl_idname = "DREAMLOOM_PT_main"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Dreamloom"
+
+    def draw(self, context: bpy.types.Context) -> None:
+        layout = self.layout
+        settings = context.scene.dreamloom
+        # 1. What to make.
+        col = layout.column(align=True)
+        col.prop(settings, "prompt", text="", icon="TEXT", placeholder="Prompt")
+        col.prop(settings, "negative_prompt", text="", icon="CANCEL", placeholder="Negative prompt")
+        layout.template_ID(settings, "image", open="image.open")
+        layout.prop(settings, "image_path", text="Image File")
+        # 2. Cameras (folded).
+        layout.prop(settings, "show_camera", icon="TRIA_DOWN" if settings.show_camera else "TRIA_RIGHT", emboss=False)
+        if settings.show_camera:
+            box = layout.box()
+            for name in ("elevation_range", "azimuth_range", "distance_range", "fov_range"):
+                box.row(align=True).prop(settings, name)
+            box.label(text="Reference view")
+            grid = box.grid_flow(columns=2, align=True)
+            for name in ("reference_elevation", "reference_azimuth", "reference_distance", "reference_fov"):
+                grid.prop(settings, name)
+        # 3. Quality and Generate.
+        row = layout.row(align=True)
+        row.prop(settings, "quality", text="")
+        row.prop(settings, "texture_size", text="")
+        row = layout.row(align=True)
+        row.prop(settings, "seed")
+        row.prop(settings, "steps", text="", placeholder="steps: coarse=N,...")
+        layout.operator("dreamloom.generate", icon="PLAY")
+        # 4. The running job.
+        self.draw_progress(layout, settings)
+        # 5. Errors.
+        if settings.last_error:
+            box = layout.box()
+            box.alert = True
+            box.label(text=settings.last_error[:200], icon="ERROR")
+            if settings.last_error_field:
+                box.label(text=f"Field: {settings.last_error_field}")
+        # 6. Refine texture of the selected mesh.
+        row = layout.row()
+        row.enabled = context.active_object is not None and context.active_object.type == "MESH"
+        row.operator("dreamloom.refine_texture", icon="TEXTURE")
+
+    def draw_progress(self, layout: bpy.types.UILayout, settings) -> None:
+        jobs = settings.jobs
+        running = [j for j in jobs if j.state not in FINISHED]
+        if not running:
+            return
+        job = running[-1]
+        box = layout.box()
+        box.label(text=f"{job.prompt[:40]} ({job.state})", icon="TIME")
+        factor = job.step / job.steps if job.steps else 0.0
+        box.progress(factor=factor, type="BAR", text=f"{job.stage or 'waiting'} {job.step}/{job.steps}{eta_text(job.eta_s)}")
+        preview = bpy.data.images.get(runtime.PREVIEW_IMAGE_NAME)
+        if preview is not None:
+            preview.preview_ensure()
+            box.template_icon(icon_value=preview.preview.icon_id, scale=8.0)
+        box.operator("dreamloom.cancel", icon="CANCEL").job_id = job.job_id
+
+
+class DREAMLOOM_PT_jobs(Panel):
+    """The backend's jobs: re-attach or delete."""
+
+    bl_label = "Backend Jobs"
+    bl_idname = "DREAMLOOM_PT_jobs"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Dreamloom"
+    bl_parent_id = "DREAMLOOM_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context: bpy.types.Context) -> None:
+        layout = self.layout
+        settings = context.scene.dreamloom
+        layout.operator("dreamloom.refresh_jobs", icon="FILE_REFRESH")
+        followed = {j.job_id for j in settings.jobs}
+        for row_data in settings.server_jobs:
+            row = layout.row(align=True)
+            label = f"{row_data.prompt[:28] or row_data.job_id[:8]}: {row_data.state}"
+            if row_data.state == "running" and row_data.steps:
+                label += f" {row_data.stage} {row_data.step}/{row_data.steps}"
+            row.label(text=label, icon="CHECKMARK" if row_data.job_id in followed else "DOT")
+            row.operator("dreamloom.attach_job", text="", icon="LINKED").job_id = row_data.job_id
+            row.operator("dreamloom.delete_job", text="", icon="TRASH").job_id = row_data.job_id
+
+
+CLASSES = (DREAMLOOM_PT_main, DREAMLOOM_PT_jobs)
