@@ -1,0 +1,118 @@
+"""The hybrid guidance of DreamCraft3D's geometry stages: L = L_SDS + μ·L_3D-SDS, annealed t.
+
+    anneal_t_range(step, total, start=(0.7, 0.85), end=(0.2, 0.5)) -> (t_lo, t_hi)
+    HybridConfig                  μ, annealing length and ranges, guidance scales, Perp-Neg
+    HybridGuidance(models, embeddings, reference, reference_camera, config)
+        .loss(rgb_bxhxwx3, elevation_deg_b, azimuth_deg_b, distance_b, step, generator)
+            -> (loss, {"sds": ..., "sds_3d": ..., "t_lo": ..., "t_hi": ...})
+
+The timestep range moves linearly from `start` to `end` over `anneal_steps` steps and stays at
+`end` afterwards: large t early (shape), small t late (detail). Without a reference image (or
+without a Zero123 model) the 3D term is left out and L = L_SDS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from backend.guidance.models import GuidanceModels
+from backend.guidance.sds import PromptEmbeddings, sds_loss
+from backend.guidance.zero123 import Zero123Reference, zero123_pose, zero123_sds_loss
+
+
+def anneal_t_range(
+    step: int,
+    total: int,
+    start: tuple[float, float] = (0.7, 0.85),
+    end: tuple[float, float] = (0.2, 0.5),
+) -> tuple[float, float]:
+    """The [t_lo, t_hi] range (fractions of T) at `step` of an annealing lasting `total` steps."""
+    if total <= 0:
+        raise ValueError(f"total: expected a positive number of annealing steps, got {total}")
+    if step < 0:
+        raise ValueError(f"step: expected >= 0, got {step}")
+    fraction = min(step / total, 1.0)
+    t_lo = start[0] + (end[0] - start[0]) * fraction
+    t_hi = start[1] + (end[1] - start[1]) * fraction
+    return (t_lo, t_hi)
+
+
+@dataclass
+class HybridConfig:
+    """Settings of the hybrid SDS of the coarse and geometry stages."""
+
+    mu: float = 2.0
+    """Weight μ of the Zero123 3D-SDS term (the paper uses 2)."""
+    anneal_steps: int = 5000
+    """Steps over which the timestep range moves from t_start to t_end."""
+    t_start: tuple[float, float] = (0.7, 0.85)
+    """Timestep range (fractions of T) at step 0."""
+    t_end: tuple[float, float] = (0.2, 0.5)
+    """Timestep range from `anneal_steps` on."""
+    guidance_scale_2d: float = 50.0
+    """Classifier-free guidance scale of the 2D prior (SDS needs a large one)."""
+    guidance_scale_3d: float = 5.0
+    """Classifier-free guidance scale of Zero123."""
+    perp_neg: bool = False
+    """Use Perp-Neg for the 2D prior (four UNet passes per sample instead of two)."""
+
+
+class HybridGuidance:
+    """L_SDS (text prior, view-dependent prompt) + μ·L_3D-SDS (Zero123, reference image)."""
+
+    def __init__(
+        self,
+        models: GuidanceModels,
+        embeddings: PromptEmbeddings,
+        reference: Zero123Reference | None,
+        reference_camera: tuple[float, float, float],
+        config: HybridConfig,
+    ) -> None:
+        """`reference_camera` is (elevation_deg, azimuth_deg, distance) of the reference view."""
+        if models.prior2d is None:
+            raise ValueError("models: HybridGuidance needs the prior2d role loaded")
+        self.models = models
+        self.embeddings = embeddings
+        self.reference = reference if models.zero123 is not None else None
+        self.reference_camera = reference_camera
+        self.config = config
+
+    @property
+    def uses_zero123(self) -> bool:
+        """True when the 3D-SDS term is active (a reference and a Zero123 model are present)."""
+        return self.reference is not None
+
+    def t_range(self, step: int) -> tuple[float, float]:
+        """The annealed timestep range at `step`."""
+        return anneal_t_range(step, self.config.anneal_steps, self.config.t_start, self.config.t_end)
+
+    def loss(
+        self,
+        rgb_bxhxwx3: torch.Tensor,
+        elevation_deg_b: torch.Tensor,
+        azimuth_deg_b: torch.Tensor,
+        distance_b: torch.Tensor,
+        step: int,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The hybrid loss of renders [B, H, W, 3] in [0, 1] and the parts for logging."""
+        config = self.config
+        t_range = self.t_range(step)
+        # 1. 2D SDS with the text prior.
+        loss_2d, _ = sds_loss(
+            self.models.prior2d, rgb_bxhxwx3, self.embeddings, elevation_deg_b, azimuth_deg_b,
+            t_range, config.guidance_scale_2d, generator, perp_neg=config.perp_neg,
+        )
+        parts = {"sds": float(loss_2d), "t_lo": t_range[0], "t_hi": t_range[1]}
+        if not self.uses_zero123:
+            return loss_2d, parts
+        # 2. Zero123 3D-SDS relative to the reference view.
+        z123 = self.models.zero123
+        pose_bx4 = zero123_pose(elevation_deg_b, azimuth_deg_b, distance_b, *self.reference_camera, variant=z123.variant)
+        loss_3d, _ = zero123_sds_loss(
+            z123, rgb_bxhxwx3, self.reference, pose_bx4.to(rgb_bxhxwx3.device), t_range, config.guidance_scale_3d, generator
+        )
+        parts["sds_3d"] = float(loss_3d)
+        return loss_2d + config.mu * loss_3d, parts
