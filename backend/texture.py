@@ -72,15 +72,35 @@ class UVMesh:
     """For each split vertex, the index of the input vertex it came from, int64 [V']."""
 
 
-def unwrap(verts_vx3: np.ndarray | Tensor, faces_fx3: np.ndarray | Tensor) -> UVMesh:
-    """Charts and packs UVs with xatlas; returns the split mesh with per-vertex UVs in [0, 1]."""
+def unwrap(
+    verts_vx3: np.ndarray | Tensor,
+    faces_fx3: np.ndarray | Tensor,
+    texture_size: int = 1024,
+    padding_texels: int = 4,
+) -> UVMesh:
+    """Charts and packs UVs with xatlas; returns the split mesh with per-vertex UVs in [0, 1].
+
+    The charts are packed for a `texture_size`² image with about `padding_texels` empty texels
+    between them (xatlas sizes its atlas near, not exactly at, `texture_size`; its UVs are
+    normalised to [0, 1] either way), so bilinear filtering of the baked texture does not mix
+    neighbouring charts.
+    """
     import xatlas
 
     verts = _numpy(verts_vx3).astype(np.float32)
     faces = _numpy(faces_fx3).astype(np.uint32)
     if verts.ndim != 2 or verts.shape[1] != 3 or faces.ndim != 2 or faces.shape[1] != 3 or len(faces) == 0:
         raise ValueError(f"unwrap needs verts [V, 3] and faces [F>0, 3], got {list(verts.shape)} and {list(faces.shape)}")
-    vmapping, indices, uvs = xatlas.parametrize(np.ascontiguousarray(verts), np.ascontiguousarray(faces))
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(np.ascontiguousarray(verts), np.ascontiguousarray(faces))
+    pack = xatlas.PackOptions()
+    pack.resolution = texture_size
+    pack.padding = padding_texels
+    pack.bilinear = True
+    atlas.generate(xatlas.ChartOptions(), pack)
+    if atlas.atlas_count != 1:
+        raise RuntimeError(f"xatlas packed the charts into {atlas.atlas_count} atlases, expected 1")
+    vmapping, indices, uvs = atlas[0]
     return UVMesh(
         verts_vx3=verts[vmapping].astype(np.float32),
         faces_fx3=indices.astype(np.int32),
