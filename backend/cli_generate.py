@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+NEGATIVE_NUMBERS = re.compile(r"^-\d+(\.\d*)?(,-?\d+(\.\d*)?)*$|^-\.\d+")
+"""Arguments that are (lists of) negative numbers rather than flags."""
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -49,10 +53,7 @@ FIELD_TO_FLAG: dict[str, str] = {
     "buffers.image": "--image",
     "image": "--image",
     "buffers": "--mesh",
-    "positions": "--mesh",
-    "faces": "--mesh",
-    "uvs": "--mesh",
-    "texture": "--mesh",
+    "buffers.texture": "--texture",
 }
 """Dotted params field (as `validate_submit` names it) -> the flag that sets it; the longest
 matching prefix wins."""
@@ -120,10 +121,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_common_flags(refine)
     refine.add_argument("--mesh", required=True, help="the mesh to re-texture (.obj or .glb)")
+    refine.add_argument(
+        "--texture", help="the mesh's current texture (PNG) to start from, when its file names none"
+    )
     refine.add_argument("--steps", help="texture step override: texture=N")
     refine.set_defaults(handler=run_command, command="refine")
     for parser in (generate, refine):
         parser.error = _OneLineParser.error.__get__(parser)  # one-line errors, exit code 2
+        # Values such as "-90,90" are numbers, not flags (argparse only knows "-90").
+        parser._negative_number_matcher = NEGATIVE_NUMBERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +228,10 @@ def inputs_from_args(args: argparse.Namespace) -> dict[str, np.ndarray | bytes]:
         except MeshError as exc:
             raise BadInput("--mesh", str(exc)) from None
         inputs.update(mesh_buffers(mesh))
+        if args.texture is not None:
+            if "uvs" not in inputs:
+                raise BadInput("--texture", f"{args.mesh} has no UVs to map a texture with")
+            inputs["texture"] = _read_file("--texture", args.texture)
     return inputs
 
 
@@ -484,6 +494,9 @@ def run_command(args: argparse.Namespace) -> int:
         params_map = params_from_args(args)
         inputs = inputs_from_args(args)
         params = validate(kind, params_map, inputs)
+        if kind == "generate" and params.steps.coarse == 0:
+            raise BadInput("--steps", "coarse=0 leaves nothing to shape the object; "
+                           "only refine skips the coarse stage")
     except BadInput as exc:
         sys.stderr.write(f"python -m backend {args.command}: error: {exc}\n")
         return EXIT_BAD_INPUT
