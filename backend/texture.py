@@ -8,7 +8,8 @@ images are [H, W, 3] with row 0 at the top (as PNG stores them), so v = 1 is row
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -25,12 +26,33 @@ from backend.hashgrid import HashGrid, HashGridConfig
 class ColorFieldConfig:
     """Size of the colour field's hash grid and MLP."""
 
-    grid: HashGridConfig = field(default_factory=HashGridConfig)
-    """The hash-grid encoding (levels, table size, resolutions, scene bound)."""
+    num_levels: int = 16
+    """Hash-grid resolution levels."""
+    features_per_level: int = 2
+    """Features stored per grid vertex and level."""
+    log2_hashmap_size: int = 19
+    """log2 of the rows of each level's table."""
+    base_resolution: int = 16
+    """Cells per axis of the coarsest level."""
+    max_resolution: int = 2048
+    """Cells per axis of the finest level (levels grow geometrically in between)."""
     hidden_dim: int = 64
     """Width of the MLP's hidden layers."""
     num_hidden_layers: int = 2
     """Hidden layers of the MLP."""
+
+    def grid_config(self, bound: float) -> HashGridConfig:
+        """The hash-grid encoding over [-bound, bound]^3."""
+        steps = max(self.num_levels - 1, 1)
+        scale = math.exp(math.log(max(self.max_resolution, self.base_resolution) / self.base_resolution) / steps)
+        return HashGridConfig(
+            num_levels=self.num_levels,
+            features_per_level=self.features_per_level,
+            log2_table_size=self.log2_hashmap_size,
+            base_resolution=self.base_resolution,
+            per_level_scale=scale,
+            bound=bound,
+        )
 
 
 class ColorField(nn.Module):
@@ -39,9 +61,9 @@ class ColorField(nn.Module):
     The texture stage and the reconstruction benchmark fit it on the mesh surface, then bake it.
     """
 
-    def __init__(self, config: ColorFieldConfig, device: torch.device | str) -> None:
+    def __init__(self, config: ColorFieldConfig, bound: float, device: torch.device | str) -> None:
         super().__init__()
-        self.encoding = HashGrid(config.grid, device=device)
+        self.encoding = HashGrid(config.grid_config(bound), device=device)
         layers: list[nn.Module] = []
         width_in = self.encoding.output_dim
         for _ in range(config.num_hidden_layers):
@@ -51,7 +73,7 @@ class ColorField(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, points_nx3: Tensor) -> Tensor:
-        """RGB [N, 3] in [0, 1] at world points [N, 3] (clamped to the grid's cube)."""
+        """RGB [N, 3] in [0, 1] at world points [N, 3] (clamped to the cube [-bound, bound]^3)."""
         return torch.sigmoid(self.mlp(self.encoding(points_nx3)))
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from backend.hashgrid import HashGridConfig
 from backend.meshio import load_mesh, normalize_to_unit_box
 from backend.raster import get_rasterizer
 from backend.texture import ColorField, ColorFieldConfig, bake_texture, pad_charts, sample_texture, unwrap
@@ -97,8 +96,9 @@ def test_sample_texture_orientation_and_texel_centres() -> None:
 
 def test_color_field_fits_a_colour_function() -> None:
     torch.manual_seed(0)
-    config = ColorFieldConfig(grid=HashGridConfig(num_levels=4, log2_table_size=12, base_resolution=4, per_level_scale=2.0), hidden_dim=32)
-    field = ColorField(config, DEVICE)
+    config = ColorFieldConfig(num_levels=4, log2_hashmap_size=12, base_resolution=4, max_resolution=32, hidden_dim=32)
+    assert config.grid_config(bound=1.0).resolutions() == [4, 8, 16, 32]
+    field = ColorField(config, 1.0, DEVICE)
     optimizer = torch.optim.Adam(field.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     for _ in range(150):
