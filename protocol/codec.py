@@ -140,8 +140,11 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         "sent_at": float(msg.sent_at),
         "buffers": descriptors,
     }
-    header_bytes = msgpack.packb(header, use_bin_type=True, default=_pack_default)
-    body_bytes = msgpack.packb(msg.body, use_bin_type=True, default=_pack_default)
+    try:
+        header_bytes = msgpack.packb(header, use_bin_type=True, default=_pack_default)
+        body_bytes = msgpack.packb(msg.body, use_bin_type=True, default=_pack_default)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"cannot encode {msg.type}: {exc}") from None
     if len(header_bytes) + len(body_bytes) > MAX_HEADER_BODY_BYTES:
         raise ValueError(
             f"{msg.type} header plus body is {len(header_bytes) + len(body_bytes)} bytes; "
@@ -228,7 +231,7 @@ def _check_header(header: dict, reply_to: str | None) -> None:
     msg_id = header["msg_id"]
     if not isinstance(msg_id, str) or not _MSG_ID_RE.fullmatch(msg_id):
         raise _bad(f"msg_id {msg_id!r} is not 32 lowercase hex characters", "header.msg_id", reply_to)
-    if header["type"] not in ALL_TYPES:
+    if not isinstance(header["type"], str) or header["type"] not in ALL_TYPES:
         raise _bad(f"unknown message type {header['type']!r}", "header.type", reply_to)
     ref = header["reply_to"]
     if ref is not None and (not isinstance(ref, str) or not _MSG_ID_RE.fullmatch(ref)):
