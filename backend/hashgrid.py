@@ -43,7 +43,7 @@ class HashGridConfig:
     base_resolution: int = 16
     """Cells per axis of the coarsest level."""
     per_level_scale: float = 1.447269237440378
-    """Growth factor of the resolution from one level to the next (16 -> 2048 over 16 levels)."""
+    """Growth factor of the resolution from one level to the next (16 -> 4096 over 16 levels)."""
     bound: float = SCENE_BOUND
     """Inputs are expected in [-bound, bound]^3; outside, they are clamped to the cube."""
     start_levels: int = 0
