@@ -47,7 +47,8 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--models", default="default", help="model set the pipeline loads (default: default)")
     serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                        help=f"most waiting jobs; more get queue_full (default {DEFAULT_MAX_QUEUE})")
-    serve.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="device for the pipeline (default cuda)")
+    serve.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                       help="device for the pipeline (default: cuda when available, else cpu)")
     serve.add_argument("--verbose", action="store_true", help="debug logging")
     serve.set_defaults(handler=run_serve)
 
@@ -65,19 +66,27 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         store_dir=args.store if args.store is not None else default_store_dir(),
         bind=args.bind, keys_dir=args.keys, insecure=args.insecure,
-        max_queue=args.max_queue, device=args.device, models=args.models,
+        max_queue=args.max_queue, device=args.device or "cpu", models=args.models,
     )
     try:
         check_bind_security(config, is_loopback)
     except ConfigError as exc:
         return _refuse(str(exc))
     configure_logging(config.store_dir, verbose=args.verbose)
+    if args.device is None:
+        config.device = _default_device()
     try:
         runner, missing = load_runner(config.models, config.device)
     except Exception as exc:  # the pipeline exists but cannot run here: say why, do not serve
         return _refuse(f"cannot load the pipeline (--models {config.models} --device {config.device}): "
                        f"{type(exc).__name__}: {exc}")
     return serve(config, runner, missing)
+
+
+def _default_device() -> str:
+    import torch  # only once serving: --help and the refusals above stay torch-free
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _refuse(reason: str) -> int:

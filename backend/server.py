@@ -417,7 +417,7 @@ class Server:
                 event = self._outbox.events.get_nowait()
             except queue.Empty:
                 return
-            for sub in [s for s in self._subs.values() if s.job_id == event.job_id]:
+            for sub in [s for s in list(self._subs.values()) if s.job_id == event.job_id]:
                 if sub.failing_since is None and sub.sent_seq == event.seq - 1:
                     self._send_event(sock, sub, event)
                 elif sub.sent_seq < event.seq:
@@ -428,6 +428,8 @@ class Server:
         if sock.send(sub.peer, msg):
             sub.sent_seq = event.seq
             sub.failing_since = None
+            if event.type == "state" and event.body.get("state") in FINISHED_STATES:
+                self._subs.pop((sub.peer, sub.job_id), None)  # the job's last event: nothing follows
             return True
         now = time.monotonic()
         sub.failing_since = sub.failing_since or now

@@ -3,8 +3,8 @@
 Layout under the store folder (see docs/server.md):
 
     jobs.sqlite3                  the `jobs` and `events` tables (WAL mode)
-    jobs/<job_id>/inputs/<name>   the submit's buffers, raw bytes
-    jobs/<job_id>/events/<seq>/<name>   each event's buffers, raw bytes
+    jobs/<job_id>/inputs.bin      the submit's buffers, raw bytes one after another
+    jobs/<job_id>/events/<seq>.bin      each event's buffers, raw bytes one after another
     jobs/<job_id>/checkpoint.bin  the runner's newest checkpoint
     jobs/<job_id>/result.glb      the final GLB, kept until `delete_job`
 
@@ -184,6 +184,30 @@ def _buffer_bytes(spec: dict[str, Any], value: np.ndarray | bytes) -> bytes:
     return array.tobytes()
 
 
+def _pack_buffers(buffers: Buffers) -> tuple[list[dict[str, Any]], bytes]:
+    """(specs with `offset` and `nbytes`, the buffers' bytes one after another)."""
+    specs, chunks, offset = [], [], 0
+    for name, value in buffers.items():
+        spec = _buffer_spec(name, value)
+        data = _buffer_bytes(spec, value)
+        spec.update(offset=offset, nbytes=len(data))
+        specs.append(spec)
+        chunks.append(data)
+        offset += len(data)
+    return specs, b"".join(chunks)
+
+
+def _unpack_buffers(specs: list[dict[str, Any]], path: Path) -> Buffers:
+    """The buffers `_pack_buffers` wrote to `path`."""
+    if not specs:
+        return {}
+    data = path.read_bytes()
+    return {
+        spec["name"]: _buffer_value(spec, data[spec["offset"]: spec["offset"] + spec["nbytes"]])
+        for spec in specs
+    }
+
+
 def _buffer_value(spec: dict[str, Any], data: bytes) -> np.ndarray | bytes:
     if spec["dtype"] == "bytes":
         return data
@@ -205,6 +229,12 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self.purge_deleted()
+        self._interrupted: list[str] = [
+            row[0] for row in self._db.execute(
+                "SELECT job_id FROM jobs WHERE state = ? AND deleted = 0 ORDER BY order_no", (RUNNING,)
+            )
+        ]
+        """Jobs left `running` by the previous process, to resume before any queued job."""
 
     def close(self) -> None:
         """Close the database connection."""
@@ -245,10 +275,9 @@ class JobStore:
         if max_queued is not None and self.count_queued() >= max_queued:
             return None
         job_id = new_job_id()
-        specs = [_buffer_spec(name, value) for name, value in inputs.items()]
-        for spec in specs:
-            data = _buffer_bytes(spec, inputs[spec["name"]])
-            write_file_atomic(self.job_dir(job_id) / "inputs" / spec["name"], data)
+        specs, data = _pack_buffers(inputs)
+        if specs:
+            write_file_atomic(self.job_dir(job_id) / "inputs.bin", data)
         with self._lock:
             self._db.execute(
                 "INSERT INTO jobs (job_id, owner, kind, state, prompt, params, inputs, created_at)"
@@ -286,11 +315,7 @@ class JobStore:
             row = self._db.execute("SELECT inputs FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if row is None:
             raise StoreError(f"no job {job_id!r} in the store")
-        inputs: Buffers = {}
-        for spec in msgpack.unpackb(row[0]):
-            data = (self.job_dir(job_id) / "inputs" / spec["name"]).read_bytes()
-            inputs[spec["name"]] = _buffer_value(spec, data)
-        return inputs
+        return _unpack_buffers(msgpack.unpackb(row[0]), self.job_dir(job_id) / "inputs.bin")
 
     def count_queued(self) -> int:
         """How many jobs wait in the queue (not counting a running one)."""
@@ -309,20 +334,23 @@ class JobStore:
             ).fetchone()[0]
 
     def claim_next(self) -> tuple[JobRecord, bool] | None:
-        """The job the worker runs next, marked running, and whether it resumes: a job left
-        `running` by a stop or crash comes first, then the oldest queued one. None if idle."""
+        """The job the worker runs next, marked running, and whether it resumes: a job that was
+        `running` when this store was opened (the process stopped or died) comes first, then
+        the oldest queued one. None if there is nothing to run."""
         with self._lock:
+            while self._interrupted:
+                record = self.get_job(self._interrupted.pop(0))
+                if record is not None and record.state == RUNNING:
+                    return record, True
             row = self._db.execute(
-                "SELECT job_id, state FROM jobs WHERE state IN (?, ?) AND deleted = 0"
-                " ORDER BY state = ? DESC, order_no LIMIT 1",
-                (QUEUED, RUNNING, RUNNING),
+                "SELECT job_id FROM jobs WHERE state = ? AND deleted = 0 ORDER BY order_no LIMIT 1", (QUEUED,)
             ).fetchone()
             if row is None:
                 return None
             self._db.execute("UPDATE jobs SET state = ? WHERE job_id = ?", (RUNNING, row[0]))
             record = self.get_job(row[0])
         assert record is not None
-        return record, row[1] == RUNNING
+        return record, False
 
     def cancel_if_queued(self, job_id: str) -> StoredEvent | None:
         """Cancel a queued job: store its `state: cancelled` event and return it; None (and no
@@ -378,7 +406,7 @@ class JobStore:
         change in one transaction.
         """
         buffers = dict(buffers or {})
-        specs = [_buffer_spec(name, value) for name, value in buffers.items()]
+        specs, data = _pack_buffers(buffers)
         event_type = body.get("event")
         if not isinstance(event_type, str):
             raise StoreError(f"event body needs a string 'event' field, got {event_type!r}")
@@ -387,9 +415,8 @@ class JobStore:
             if row is None:
                 raise StoreError(f"no job {job_id!r} in the store")
             seq = row[0] + 1
-            for spec in specs:
-                data = _buffer_bytes(spec, buffers[spec["name"]])
-                write_file_atomic(self.job_dir(job_id) / "events" / str(seq) / spec["name"], data)
+            if specs:
+                write_file_atomic(self.job_dir(job_id) / "events" / f"{seq}.bin", data)
             now = time.time()
             self._db.execute("BEGIN")
             self._db.execute(
@@ -420,10 +447,7 @@ class JobStore:
             ).fetchall()
         events = []
         for seq, event_type, body, specs, created_at in rows:
-            buffers: Buffers = {}
-            for spec in msgpack.unpackb(specs):
-                data = (self.job_dir(job_id) / "events" / str(seq) / spec["name"]).read_bytes()
-                buffers[spec["name"]] = _buffer_value(spec, data)
+            buffers = _unpack_buffers(msgpack.unpackb(specs), self.job_dir(job_id) / "events" / f"{seq}.bin")
             events.append(StoredEvent(job_id, seq, event_type, msgpack.unpackb(body), buffers, created_at))
         return events
 
