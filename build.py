@@ -4,6 +4,11 @@
     python build.py setup            create .venv and install the pinned dependencies
     python build.py test [ARGS]      set up, then run the whole test suite (ARGS go to pytest)
     python build.py serve [FLAGS]    set up, then start the backend (FLAGS go to `backend serve`)
+    python build.py addon            build the Blender extension: dist/dreamloom-<version>.zip
+    python build.py demo [--models tiny|default]
+                                     set up, build the extension, install it into the bpy module,
+                                     generate from a sample prompt and image with a local backend,
+                                     write out/demo.blend, out/demo.glb and out/demo.png
 
 Needs nothing but Python 3.11 or newer. Every dependency version is pinned in pyproject.toml;
 the installed set is remembered in .venv so a second run installs nothing.
@@ -18,6 +23,7 @@ import subprocess
 import sys
 import tomllib
 import venv
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -67,8 +73,83 @@ def run(python: Path, args: list[str]) -> int:
     return subprocess.run([str(python), *args], cwd=ROOT, env=env).returncode
 
 
+ADDON_SOURCE = ROOT / "blender_addon"
+ADDON_WHEELS = ("pyzmq==27.3.0", "msgpack==1.2.4")
+"""Compiled dependencies the extension bundles for Blender's Python (3.11 in Blender 4.2 to 5.0)."""
+WHEEL_PLATFORMS = {
+    "linux-x64": ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"),
+    "windows-x64": ("win_amd64",),
+    "macos-arm64": ("macosx_11_0_arm64",),
+    "macos-x64": ("macosx_10_15_x86_64", "macosx_10_9_x86_64"),
+}
+"""Blender platform -> pip platform tags to download wheels for (newest first)."""
+WHEEL_CACHE = ROOT / ".whl"
+ADDON_EXCLUDE = ("__pycache__", "*.pyc", "tools")
+"""Source-tree entries that stay out of the extension (tools/ holds the demo driver)."""
+
+
+def download_addon_wheels(python: Path) -> list[Path]:
+    """pyzmq and msgpack wheels for cp311 on every platform, cached in .whl/<platform>/."""
+    wheels: list[Path] = []
+    for platform, tags in WHEEL_PLATFORMS.items():
+        folder = WHEEL_CACHE / platform
+        found = sorted(folder.glob("*.whl")) if folder.is_dir() else []
+        if len(found) < len(ADDON_WHEELS):
+            platform_flags = [flag for tag in tags for flag in ("--platform", tag)]
+            print(f"build.py: downloading {', '.join(ADDON_WHEELS)} wheels for {platform}", flush=True)
+            subprocess.run(
+                [str(python), "-m", "pip", "download", "--disable-pip-version-check", "-q",
+                 "--only-binary=:all:", "--no-deps", "--python-version", "3.11", "--implementation", "cp",
+                 *platform_flags, "-d", str(folder), *ADDON_WHEELS],
+                check=True,
+            )
+            found = sorted(folder.glob("*.whl"))
+        wheels += found
+    return wheels
+
+
+def build_addon(python: Path) -> Path:
+    """Stage blender_addon + a copy of protocol/ + wheels in build/addon, zip to dist/."""
+    manifest_text = (ADDON_SOURCE / "blender_manifest.toml").read_text()
+    version = tomllib.loads(manifest_text)["version"]
+    wheels = download_addon_wheels(python)
+    # 1. Stage the package: add-on modules, the vendored protocol, the wheels.
+    stage = ROOT / "build" / "addon" / "dreamloom"
+    shutil.rmtree(stage.parent, ignore_errors=True)
+    ignore = shutil.ignore_patterns(*ADDON_EXCLUDE)
+    shutil.copytree(ADDON_SOURCE, stage, ignore=ignore)
+    shutil.copytree(ROOT / "protocol", stage / "protocol", ignore=ignore)
+    (stage / "wheels").mkdir()
+    unique = {w.name: w for w in wheels}  # universal2 wheels serve both macOS platforms
+    for wheel in unique.values():
+        shutil.copy2(wheel, stage / "wheels" / wheel.name)
+    listed = ",\n".join(f'    "./wheels/{name}"' for name in sorted(unique))
+    manifest = manifest_text.replace("wheels = []", f"wheels = [\n{listed},\n]")
+    if manifest == manifest_text:
+        raise SystemExit("build.py: blender_manifest.toml has no `wheels = []` line to fill in")
+    (stage / "blender_manifest.toml").write_text(manifest)
+    # 2. Zip with the manifest at the root, as Blender's `extension build` does.
+    out = ROOT / "dist" / f"dreamloom-{version}.zip"
+    out.parent.mkdir(exist_ok=True)
+    out.unlink(missing_ok=True)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(stage.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(stage).as_posix())
+    print(f"build.py: wrote {out.relative_to(ROOT)} ({out.stat().st_size / 2**20:.1f} MiB, "
+          f"{len(unique)} wheels)", flush=True)
+    return out
+
+
+def demo(python: Path, args: list[str]) -> int:
+    """Build the extension, then run the headless demo (blender_addon/tools/demo.py) on it."""
+    archive = build_addon(python)
+    return run(python, [str(ADDON_SOURCE / "tools" / "demo.py"), "--zip", str(archive),
+                        "--out", str(ROOT / "out"), "--python", str(python), *args])
+
+
 def main(argv: list[str]) -> int:
-    commands = ("setup", "test", "serve")
+    commands = ("setup", "test", "serve", "addon", "demo")
     if not argv or argv[0] not in commands:
         print(__doc__.strip())
         return 2
@@ -80,6 +161,11 @@ def main(argv: list[str]) -> int:
         return run(python, ["-m", "pytest", "-q", "-ra", *rest])
     if command == "serve":
         return run(python, ["-m", "backend", "serve", *rest])
+    if command == "addon":
+        build_addon(python)
+        return 0
+    if command == "demo":
+        return demo(python, rest)
     raise AssertionError(command)
 
 

@@ -1,0 +1,250 @@
+"""Scenarios run inside the bpy module, one per process (bpy keeps state per process).
+
+    python -m tests.addon.blender_driver SCENARIO --zip dist/dreamloom-X.zip --address ADDR --out DIR
+
+Installs the extension from the zip into the user resources named by BLENDER_USER_RESOURCES (a
+temporary folder the test sets), runs the scenario and prints one line `RESULT {json}` that the
+test checks. Nothing here imports the add-on from the source tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import bpy
+
+MODULE = "bl_ext.user_default.dreamloom"
+
+
+def install(zip_path: Path) -> None:
+    """Install and enable the extension from its zip."""
+    result = bpy.ops.extensions.package_install_files(filepath=str(zip_path), repo="user_default", enable_on_install=True)
+    if result != {"FINISHED"} or MODULE not in bpy.context.preferences.addons:
+        raise RuntimeError(f"installing {zip_path} gave {result}")
+
+
+def addon_module():
+    return sys.modules[MODULE]
+
+
+def use_backend(address: str, timeout_s: float = 5.0) -> None:
+    prefs = bpy.context.preferences.addons[MODULE].preferences
+    prefs.backend_mode = "REMOTE"
+    prefs.backend_address = address
+    prefs.request_timeout = timeout_s
+
+
+def job_objects() -> list:
+    collection = bpy.data.collections.get("Dreamloom")
+    return [] if collection is None else list(collection.objects)
+
+
+def scene_job(job_index: int = -1):
+    return bpy.context.scene.dreamloom.jobs[job_index]
+
+
+def pump_until(condition, timeout_s: float, on_update=None) -> None:
+    """Pump by hand (timers never fire in the bpy module) until condition() holds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if addon_module().pump() and on_update is not None:
+            on_update()
+        if condition():
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"condition not met within {timeout_s} s; last error: {bpy.context.scene.dreamloom.last_error!r}")
+
+
+def material_summary(obj) -> dict:
+    material = obj.active_material
+    if material is None or not material.use_nodes:
+        return {"material": None}
+    images = [n.image for n in material.node_tree.nodes if n.type == "TEX_IMAGE" and n.image]
+    return {
+        "material": material.name,
+        "image_packed": bool(images and images[0].packed_file is not None),
+        "image_size": list(images[0].size) if images else None,
+        "uv_maps": [layer.name for layer in obj.data.uv_layers],
+    }
+
+
+# Scenarios ----------------------------------------------------------------------------------------
+
+
+def scenario_install(args) -> dict:
+    install(args.zip)
+    core_protocol = sys.modules[f"{MODULE}.core._protocol"]
+    result = {"protocol_package": core_protocol.PROTOCOL_PACKAGE, "ops_after_install": hasattr(bpy.ops.dreamloom, "generate")}
+    prefs = bpy.context.preferences.addons[MODULE].preferences
+    result["prefs"] = [prefs.backend_mode, prefs.backend_address]
+    bpy.ops.preferences.addon_disable(module=MODULE)
+    result["disabled"] = MODULE not in bpy.context.preferences.addons
+    result["scene_prop_after_disable"] = hasattr(bpy.types.Scene, "dreamloom")
+    result["operator_after_disable"] = "DREAMLOOM_OT_generate" in dir(bpy.types)
+    bpy.ops.preferences.addon_enable(module=MODULE)
+    result["enabled_again"] = MODULE in bpy.context.preferences.addons
+    result["scene_prop_after_enable"] = hasattr(bpy.context.scene, "dreamloom")
+    result["panel_registered"] = hasattr(bpy.types, "DREAMLOOM_PT_main")
+    bpy.ops.preferences.addon_disable(module=MODULE)
+    bpy.ops.preferences.addon_enable(module=MODULE)
+    result["enabled_third_time"] = MODULE in bpy.context.preferences.addons
+    return result
+
+
+def scenario_generate(args) -> dict:
+    install(args.zip)
+    use_backend(args.address, timeout_s=30.0)
+    settings = bpy.context.scene.dreamloom
+    settings.prompt = "panel prompt, overridden"
+    bpy.ops.dreamloom.generate(prompt=args.prompt, steps=args.steps, seed=3, quality="draft",
+                               image_path=args.image or "")
+    states: list[dict] = []
+    touched = {"done": False}
+
+    def record() -> None:
+        objects = job_objects()
+        if not objects:
+            return
+        obj = objects[0]
+        if not touched["done"]:  # the artist moves it and adds a modifier after the first mesh
+            obj.location = (1.0, 2.0, 3.0)
+            obj.modifiers.new("Bevel", "BEVEL")
+            touched["done"] = True
+        top_z = max((v.co.z for v in obj.data.vertices), default=0.0)
+        states.append({"seq": obj.get("dreamloom_seq"), "verts": len(obj.data.vertices), "top_z": top_z,
+                       "object": obj.name, "mesh": obj.data.name, "location": list(obj.location)})
+
+    pump_until(lambda: job_objects() and scene_job().state in ("done", "failed", "cancelled"), args.timeout, record)
+    bpy.ops.dreamloom.sync(timeout=5)
+    obj = job_objects()[0]
+    result = {
+        "objects": [o.name for o in job_objects()],
+        "states": states,
+        "job_state": scene_job().state,
+        "job_error": scene_job().error,
+        "last_seq": scene_job().last_seq,
+        "object_seq": obj.get("dreamloom_seq"),
+        "object_job_id": obj.get("dreamloom_job_id"),
+        "job_id": scene_job().job_id,
+        "location": list(obj.location),
+        "modifiers": [m.name for m in obj.modifiers],
+        "verts": len(obj.data.vertices),
+        "faces": len(obj.data.polygons),
+        **material_summary(obj),
+    }
+    if args.save:
+        bpy.ops.wm.save_as_mainfile(filepath=str(args.save))
+    return result
+
+
+def scenario_refine(args) -> dict:
+    install(args.zip)
+    use_backend(args.address, timeout_s=30.0)
+    bpy.ops.wm.obj_import(filepath=str(args.mesh))
+    obj = bpy.context.selected_objects[0]
+    bpy.context.view_layer.objects.active = obj
+    before = {"verts": len(obj.data.vertices), "loops": len(obj.data.loops), "uv_maps": [l.name for l in obj.data.uv_layers]}
+    bpy.ops.dreamloom.refine_texture(prompt=args.prompt, steps=args.steps)
+    bpy.ops.dreamloom.sync(timeout=args.timeout)
+    return {"before": before, "after_verts": len(obj.data.vertices), "after_loops": len(obj.data.loops),
+            "job_state": scene_job().state, "job_kind": scene_job().kind, **material_summary(obj)}
+
+
+def scenario_cancel(args) -> dict:
+    install(args.zip)
+    use_backend(args.address)
+    bpy.ops.dreamloom.generate(prompt=args.prompt, steps=args.steps)
+    pump_until(lambda: len(bpy.context.scene.dreamloom.jobs) and scene_job().state == "running", args.timeout)
+    bpy.ops.dreamloom.cancel()
+    bpy.ops.dreamloom.sync(timeout=args.timeout)
+    return {"job_state": scene_job().state, "last_seq": scene_job().last_seq}
+
+
+def scenario_stop_after(args) -> dict:
+    """Generate, apply events up to seq >= args.stop_seq, save the .blend and quit mid-job."""
+    install(args.zip)
+    use_backend(args.address)
+    bpy.ops.dreamloom.generate(prompt=args.prompt, steps=args.steps)
+    pump_until(lambda: job_objects() and scene_job().last_seq >= args.stop_seq, args.timeout)
+    bpy.ops.wm.save_as_mainfile(filepath=str(args.save))
+    return {"last_seq": scene_job().last_seq, "job_state": scene_job().state,
+            "object_seq": job_objects()[0].get("dreamloom_seq")}
+
+
+def scenario_reopen(args) -> dict:
+    """Open a saved .blend, let the add-on re-attach, and catch up to the job's end."""
+    install(args.zip)
+    use_backend(args.address)
+    bpy.ops.wm.open_mainfile(filepath=str(args.save))
+    seq_at_open = scene_job().last_seq
+    applied: list[int] = []
+    pump_until(lambda: scene_job().state in ("done", "failed", "cancelled"), args.timeout,
+               lambda: applied.append(scene_job().last_seq))
+    return {"seq_at_open": seq_at_open, "applied": applied, "last_seq": scene_job().last_seq,
+            "job_state": scene_job().state, "objects": [o.name for o in job_objects()],
+            "object_seq": job_objects()[0].get("dreamloom_seq"), "jobs": len(bpy.context.scene.dreamloom.jobs)}
+
+
+def scenario_wrong_address(args) -> dict:
+    install(args.zip)
+    use_backend(args.address, timeout_s=2.0)
+    start = time.monotonic()
+    bpy.ops.dreamloom.generate(prompt=args.prompt)
+    submitted_s = time.monotonic() - start
+    try:
+        bpy.ops.dreamloom.sync(timeout=30)
+        message = None
+    except RuntimeError as exc:  # an ERROR report reaches a script as RuntimeError
+        message = str(exc)
+    return {"submit_s": submitted_s, "fail_s": time.monotonic() - start, "message": message,
+            "panel_error": bpy.context.scene.dreamloom.last_error,
+            "panel_field": bpy.context.scene.dreamloom.last_error_field}
+
+
+def scenario_bad_input(args) -> dict:
+    install(args.zip)
+    use_backend(args.address)
+    messages = {}
+    for name, kwargs in {"steps": {"steps": "coarse=lots"}, "image_path": {"prompt": "a cow", "image_path": "/no/such.png"},
+                         "prompt": {"prompt": ""}}.items():
+        try:
+            bpy.ops.dreamloom.generate(**kwargs)
+            messages[name] = None
+        except RuntimeError as exc:
+            messages[name] = str(exc)
+    bpy.context.preferences.addons[MODULE].preferences.backend_address = "localhost:5555"
+    try:
+        bpy.ops.dreamloom.generate(prompt="a cow")
+        messages["backend_address"] = None
+    except RuntimeError as exc:
+        messages["backend_address"] = str(exc)
+    return messages
+
+
+SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.addon.blender_driver")
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--zip", type=Path, required=True)
+    parser.add_argument("--address", default="tcp://127.0.0.1:5555")
+    parser.add_argument("--prompt", default="a spot cow")
+    parser.add_argument("--steps", default="coarse=2,geometry=2,texture=1")
+    parser.add_argument("--image", default="")
+    parser.add_argument("--mesh", type=Path)
+    parser.add_argument("--save", type=Path)
+    parser.add_argument("--stop-seq", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    result = SCENARIOS[args.scenario](args)
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The extension in the bpy module (Blender 5.0.1), installed from the zip `build.py addon` makes.
+
+Each scenario runs in its own process (tests/addon/blender_driver.py) with a throw-away
+BLENDER_USER_RESOURCES, against a real backend server in another process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.backend.mesh_runner import ServerProcess, start_server_process
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO / ".." / "shared"
+
+
+@pytest.fixture(scope="module")
+def addon_zip() -> Path:
+    """The extension zip, built the way `python build.py addon` builds it."""
+    spec = importlib.util.spec_from_file_location("dreamloom_build", REPO / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.build_addon(Path(sys.executable))
+
+
+@pytest.fixture(scope="module")
+def mesh_server(tmp_path_factory) -> Iterator[ServerProcess]:
+    """The real server with the mesh-streaming runner (a short sleep per step)."""
+    folder = tmp_path_factory.mktemp("mesh_server")
+    server = start_server_process(folder / "store", folder / "server.log", "--step-delay", "0.05")
+    yield server
+    server.kill()
+
+
+def blender(scenario: str, addon_zip: Path, tmp_path: Path, *args: str, timeout_s: float = 120) -> dict:
+    """Run one driver scenario in a fresh bpy process; its RESULT as a dict."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.addon.blender_driver", scenario, "--zip", str(addon_zip), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(f"{scenario} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_install_enable_disable_enable(addon_zip: Path, tmp_path: Path):
+    result = blender("install", addon_zip, tmp_path)
+    assert result["protocol_package"] == "bl_ext.user_default.dreamloom.protocol"  # the vendored copy
+    assert result["prefs"] == ["LOCAL", "tcp://127.0.0.1:5555"]
+    assert result["disabled"] and not result["scene_prop_after_disable"] and not result["operator_after_disable"]
+    assert result["enabled_again"] and result["scene_prop_after_enable"] and result["panel_registered"]
+    assert result["enabled_third_time"]
+
+
+def test_generate_updates_one_object_in_place(addon_zip: Path, tmp_path: Path, mesh_server: ServerProcess):
+    result = blender("generate", addon_zip, tmp_path, "--address", mesh_server.address,
+                     "--steps", "coarse=3,geometry=2,texture=2")
+    assert result["job_state"] == "done" and result["objects"] == ["a spot cow"]
+    updates = result["states"]
+    seqs = [s["seq"] for s in updates]
+    assert len(set(seqs)) >= 3 and seqs == sorted(seqs)  # replaced in place several times
+    assert len({(s["object"], s["mesh"]) for s in updates}) == 1  # same object, same mesh datablock
+    assert len({round(s["top_z"], 5) for s in updates}) >= 3  # the geometry really changed
+    assert result["location"] == [1.0, 2.0, 3.0] and result["modifiers"] == ["Bevel"]  # the artist's edits kept
+    assert result["object_seq"] == result["last_seq"] == seqs[-1]
+    assert result["object_job_id"] == result["job_id"]
+
+
+def test_refine_on_spot_keeps_its_vertex_count(addon_zip: Path, tmp_path: Path, mesh_server: ServerProcess):
+    result = blender("refine", addon_zip, tmp_path, "--address", mesh_server.address,
+                     "--mesh", str(SHARED / "meshes" / "spot.obj"), "--steps", "texture=2")
+    assert result["job_state"] == "done" and result["job_kind"] == "refine_texture"
+    assert result["after_verts"] == result["before"]["verts"] == 2930
+    assert result["after_loops"] == result["before"]["loops"]
+
+
+def test_cancel(addon_zip: Path, tmp_path: Path, mesh_server: ServerProcess):
+    result = blender("cancel", addon_zip, tmp_path, "--address", mesh_server.address, "--steps", "coarse=400")
+    assert result["job_state"] == "cancelled"
+
+
+def test_reopened_file_catches_up_without_duplicates(addon_zip: Path, tmp_path: Path, mesh_server: ServerProcess):
+    saved = tmp_path / "halfway.blend"
+    steps = "coarse=6,geometry=4,texture=4"
+    first = blender("stop_after", addon_zip, tmp_path, "--address", mesh_server.address, "--steps", steps,
+                    "--save", str(saved), "--stop-seq", "4")
+    assert first["job_state"] == "running" and first["object_seq"] == first["last_seq"] >= 4
+    second = blender("reopen", addon_zip, tmp_path, "--address", mesh_server.address, "--save", str(saved))
+    assert second["seq_at_open"] == first["last_seq"]
+    assert second["job_state"] == "done" and second["jobs"] == 1
+    assert second["objects"] == ["a spot cow"]  # caught up into the same object, no duplicate
+    # stage + mesh per step + final mesh, plus the queued/running/done states
+    assert second["last_seq"] == second["object_seq"] == 3 + 6 + 4 + 4 + 1 + 3
+
+
+def test_wrong_address_fails_fast_with_a_message(addon_zip: Path, tmp_path: Path):
+    result = blender("wrong_address", addon_zip, tmp_path, "--address", "tcp://127.0.0.1:9")
+    assert result["submit_s"] < 0.5  # Generate never waits on the network
+    assert result["fail_s"] < 6.0
+    assert "tcp://127.0.0.1:9" in result["message"] and "no reply" in result["message"]
+    assert result["panel_field"] == "backend_address"
+
+
+def test_bad_input_is_reported_with_its_field(addon_zip: Path, tmp_path: Path, mesh_server: ServerProcess):
+    result = blender("bad_input", addon_zip, tmp_path, "--address", mesh_server.address)
+    assert "steps" in result["steps"] and "lots" in result["steps"]
+    assert "image_path" in result["image_path"] and "/no/such.png" in result["image_path"]
+    assert "params.prompt" in result["prompt"]
+    assert "backend_address" in result["backend_address"] and "localhost:5555" in result["backend_address"]
