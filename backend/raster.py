@@ -129,9 +129,12 @@ class _TriangleSetup:
     """Per-triangle data for the visibility pass, flattened over the batch (n = B·F)."""
 
     coeff_nx3x3: Tensor
-    """Edge-function coefficients (a, b, c) of the three edges."""
-    det_n: Tensor
-    """Determinant of the (x, y, w) vertex matrix; its sign orients the edge functions."""
+    """Edge-function coefficients (a, b, c) of the three edges, each computed from its two
+    vertices in ascending vertex-id order so that a shared edge gets bit-identical coefficients
+    in both triangles (floating-point cross products are not exactly antisymmetric)."""
+    orient_nx3: Tensor
+    """±1 per edge: the edge's sign in this triangle times the sign of the triangle's determinant,
+    so that orient·E >= 0 inside."""
     z_nx3: Tensor
     """Clip-space z of the three vertices."""
     w_nx3: Tensor
@@ -146,12 +149,26 @@ class _TriangleSetup:
     """Number of rows in the bounding box (0 for a culled triangle)."""
 
 
+def _canonical_edges(xyw_nx3x3: Tensor, faces_nx3: Tensor) -> tuple[Tensor, Tensor]:
+    """Edge coefficients [n, 3, 3] from vertices in ascending id order, and each edge's sign [n, 3]."""
+    j, k = [1, 2, 0], [2, 0, 1]
+    swap_nx3 = faces_nx3[:, j] > faces_nx3[:, k]
+    first = torch.where(swap_nx3.unsqueeze(-1), xyw_nx3x3[:, k], xyw_nx3x3[:, j])
+    second = torch.where(swap_nx3.unsqueeze(-1), xyw_nx3x3[:, j], xyw_nx3x3[:, k])
+    sign_nx3 = 1.0 - 2.0 * swap_nx3.to(xyw_nx3x3.dtype)
+    return torch.linalg.cross(first, second), sign_nx3
+
+
 def _setup_triangles(clip_bxvx4: Tensor, faces_fx3: Tensor, height: int, width: int) -> _TriangleSetup:
     """Edge functions, frustum culling and conservative pixel bounding boxes (no gradient)."""
     batch, num_faces = clip_bxvx4.shape[0], faces_fx3.shape[0]
+    faces_nx3 = faces_fx3.long().repeat(batch, 1)
     tri_nx3x4 = clip_bxvx4[:, faces_fx3.long()].reshape(batch * num_faces, 3, 4)
     x, y, z, w = tri_nx3x4.unbind(-1)
-    coeff, det = _edge_coefficients(torch.stack([x, y, w], dim=-1))
+    xyw = torch.stack([x, y, w], dim=-1)
+    coeff, edge_sign = _canonical_edges(xyw, faces_nx3)
+    det = (xyw[:, 0] * coeff[:, 0]).sum(-1) * edge_sign[:, 0]
+    orient = edge_sign * torch.sign(det).unsqueeze(-1)
     # 1. Cull: all three vertices outside one clip plane, or a degenerate (x, y, w) matrix.
     outside = torch.zeros_like(det, dtype=torch.bool)
     for coord in (x, y, z):
@@ -172,20 +189,20 @@ def _setup_triangles(clip_bxvx4: Tensor, faces_fx3: Tensor, height: int, width: 
     row1 = torch.where(in_front, row1.clamp(-1, height - 1), torch.full_like(row1, height - 1)).long()
     cols = (col1 - col0 + 1).clamp(min=0) * (~outside)
     rows = (row1 - row0 + 1).clamp(min=0) * (~outside)
-    return _TriangleSetup(coeff, det, z, w, col0, row0, cols, rows)
+    return _TriangleSetup(coeff, orient, z, w, col0, row0, cols, rows)
 
 
-def _covered(edge_px3: Tensor, coeff_px3x3: Tensor, sign_p: Tensor) -> Tensor:
-    """Coverage with the top-left rule, evaluated on oriented edge values.
+def _covered(edge_px3: Tensor, coeff_px3x3: Tensor, orient_px3: Tensor) -> Tensor:
+    """Coverage with the top-left rule, from canonical edge values and their orientation.
 
     A pixel centre strictly inside every edge is covered. One lying exactly on an edge belongs to
     the triangle whose inside is to the right of the edge (a "left" edge) or, for a horizontal
     edge, below it in the image (a "top" edge): of two triangles sharing an edge exactly one
-    takes the pixel.
+    takes the pixel, because their oriented coefficients are exact negatives.
     """
-    oriented = edge_px3 * sign_p.unsqueeze(-1)
-    a = coeff_px3x3[..., 0] * sign_p.unsqueeze(-1)
-    b = coeff_px3x3[..., 1] * sign_p.unsqueeze(-1)
+    oriented = edge_px3 * orient_px3
+    a = coeff_px3x3[..., 0] * orient_px3
+    b = coeff_px3x3[..., 1] * orient_px3
     owns_tie = (a > 0) | ((a == 0) & (b < 0))
     inside = (oriented > 0) | ((oriented == 0) & owns_tie)
     return inside.all(-1) & (oriented.sum(-1) > 0)
@@ -248,10 +265,11 @@ class TorchRasterizer:
             x, y = _pixel_ndc(px, py, height, width, dtype)
             coeff = setup.coeff_nx3x3[tri_p]
             edge = coeff[..., 0] * x.unsqueeze(-1) + coeff[..., 1] * y.unsqueeze(-1) + coeff[..., 2]
-            sign = torch.sign(setup.det_n[tri_p])
-            covered = _covered(edge, coeff, sign)
-            denom = (edge * setup.w_nx3[tri_p]).sum(-1)
-            z_over_w = (edge * setup.z_nx3[tri_p]).sum(-1) / torch.where(denom == 0, 1.0, denom)
+            orient = setup.orient_nx3[tri_p]
+            covered = _covered(edge, coeff, orient)
+            oriented = edge * orient
+            denom = (oriented * setup.w_nx3[tri_p]).sum(-1)
+            z_over_w = (oriented * setup.z_nx3[tri_p]).sum(-1) / torch.where(denom == 0, 1.0, denom)
             keep = covered & (z_over_w >= -1) & (z_over_w <= 1)
             tri_p, z_over_w = tri_p[keep], z_over_w[keep]
             pixel = (tri_p // num_faces) * (height * width) + py[keep] * width + px[keep]
