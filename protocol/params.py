@@ -222,7 +222,7 @@ def _steps(value: Any, path: str, allowed: tuple[str, ...]) -> StepOverrides:
     raw = _map(value, path)
     for key in raw:
         if key not in allowed:
-            raise _fail(f"{path}.{key}", f"{path} may only set {', '.join(allowed)}; got {key!r}")
+            raise _fail(f"{path}.{key}", f"{path}.{key} is not a stage this kind can override; allowed: {', '.join(allowed)}")
     counts = {
         key: None if raw.get(key) is None else _integer(raw[key], f"{path}.{key}", 0, MAX_STEPS)
         for key in allowed

@@ -17,7 +17,7 @@ MESHES = SHARED / "meshes"
 
 
 def png_bytes(width: int, height: int, mode: str = "RGBA") -> bytes:
-    image = Image.new(mode, (width, height), color=tuple(range(len(mode))) if len(mode) > 1 else 7)
+    image = Image.new(mode, (width, height))
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
