@@ -7,7 +7,7 @@
 
 The maths, with x₀ the latents of the render (or the 64² image for a pixel prior such as IF):
 
-    t ~ U{⌊t_lo·T⌋ … ⌊t_hi·T⌋},  ε ~ N(0, I),  x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε      (no gradient)
+    t ~ U{round(t_lo·T) … round(t_hi·T)},  ε ~ N(0, I),  x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε      (no gradient)
     ε̂ = ε_u + s·(ε_c − ε_u)                      classifier-free guidance, s = guidance_scale
     grad = w(t)·(ε̂ − ε),  w(t) = 1 − ᾱ_t
     target = (x₀ − grad).detach();  loss = ½·‖x₀ − target‖² / B
@@ -147,12 +147,12 @@ def view_index(elevation_deg_b: torch.Tensor, azimuth_deg_b: torch.Tensor) -> to
 def sample_timesteps(
     batch: int, t_range: tuple[float, float], num_train_timesteps: int, generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:
-    """[B] long timesteps uniform in [⌊t_lo·T⌋, ⌊t_hi·T⌋] (both ends included)."""
+    """[B] long timesteps uniform in [round(t_lo·T), round(t_hi·T)] (both ends included)."""
     t_lo, t_hi = t_range
     if not 0.0 <= t_lo <= t_hi <= 1.0:
         raise ValueError(f"t_range: expected 0 <= lo <= hi <= 1, got {t_range}")
-    low = max(int(t_lo * num_train_timesteps), 1)
-    high = min(int(t_hi * num_train_timesteps), num_train_timesteps - 1)
+    low = max(round(t_lo * num_train_timesteps), 1)
+    high = min(round(t_hi * num_train_timesteps), num_train_timesteps - 1)
     return torch.randint(low, max(high, low) + 1, (batch,), generator=generator, device=device)
 
 
