@@ -26,6 +26,8 @@ LINGER_MS = 250
 """How long `close` waits for queued outgoing messages."""
 HEARTBEAT_TIMEOUT_FACTOR = 3
 """A peer silent for this many heartbeat intervals is dropped."""
+DEFAULT_SEND_HWM = 1000
+"""Messages the server queues per client before `send` reports the client as full (libzmq's default)."""
 
 
 def is_loopback(bind: str) -> bool:
@@ -83,8 +85,12 @@ class ServerSocket:
         heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         allow_insecure: bool = False,
+        send_hwm: int = DEFAULT_SEND_HWM,
     ) -> None:
-        """Bind `bind`. A non-loopback bind needs `keys_dir` (CurveZMQ) or `allow_insecure=True`."""
+        """Bind `bind`. A non-loopback bind needs `keys_dir` (CurveZMQ) or `allow_insecure=True`.
+
+        `send_hwm` is the number of messages queued per client before `send` returns False.
+        """
         if keys_dir is None and not is_loopback(bind) and not allow_insecure:
             raise ValueError(
                 f"bind {bind!r} is reachable from other machines and no keys_dir was given: "
@@ -100,6 +106,7 @@ class ServerSocket:
         self.socket = self.context.socket(zmq.ROUTER)
         try:
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.socket.setsockopt(zmq.SNDHWM, send_hwm)
             _common_options(self.socket, heartbeat_ms, max_message_bytes)
             # 2. CurveZMQ: our key pair, and a ZAP handler that admits the authorised keys only.
             if self.keys_dir is not None:
