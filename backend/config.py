@@ -227,7 +227,7 @@ PRESETS: dict[str, PipelineConfig] = {
     "tiny": PipelineConfig(
         quality="tiny",
         coarse=CoarseConfig(
-            steps=12, render_res=32, num_samples=16, mesh_res=16, lr=2e-2, grid_levels=4,
+            steps=12, render_res=16, num_samples=12, mesh_res=16, lr=2e-2, grid_levels=4,
             grid_log2_table_size=12, grid_start_levels=0, hidden_dim=16, occupancy_res=16,
             occupancy_every=4, cos_anneal_steps=8,
         ),
