@@ -122,7 +122,7 @@ class MeshRunner:
                 scale = 1.0 + 0.1 * (step + 1) / max(steps, 1)
                 ctx.progress(stage, step + 1, steps, eta_s=self.step_delay_s * (steps - step - 1),
                              losses={"scale": scale})
-                ctx.emit("mesh", {"stage": stage, "step": step + 1, "final": False},
+                ctx.emit("mesh", {"stage": stage, "step": step + 1, "final": False, "emitted_at": time.time()},
                          {"positions": verts_vx3 * scale, "faces": faces_fx3})
                 ctx.save_checkpoint(Checkpoint(stage_index, step + 1).to_bytes())
         # 3. The result: the GLB first, then the final mesh event.
@@ -240,6 +240,61 @@ def iter_events(client: Any, timeout_s: float) -> Iterator[Any]:
             yield msg
 
 
+# A benchmark of the server around the runner ---------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench(argv: list[str]) -> int:
+    """`python -m tests.backend.mesh_runner bench --store DIR`: idle CPU of a server process,
+    then per mesh: events/s through store and socket, and the latency from `ctx.emit` (the
+    runner's `emitted_at`) to the client having decoded the event."""
+    from protocol.messages import Message
+    from protocol.transport import ClientSocket
+
+    parser = argparse.ArgumentParser(prog="python -m tests.backend.mesh_runner bench")
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=30, help="mesh events per stage")
+    parser.add_argument("--idle-s", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    args.store.mkdir(parents=True, exist_ok=True)
+    server = start_server_process(args.store / "store", args.store / "bench.log", "--steps-per-stage", str(args.steps))
+    client = ClientSocket(server.address)
+    try:
+        # 1. Idle: no client traffic, no job.
+        before = _cpu_seconds(server.process.pid)
+        time.sleep(args.idle_s)
+        idle = (_cpu_seconds(server.process.pid) - before) / args.idle_s
+        print(f"idle server CPU: {100 * idle:.2f}% of one core over {args.idle_s:g} s")
+        # 2. One job per mesh: every step stores and sends a mesh event.
+        for name in ("suzanne", "spot", "bunny"):
+            started = time.monotonic()
+            client.request(Message("submit", {"kind": "generate", "params": {"prompt": name}}), 10)
+            latencies, count, nbytes = [], 0, 0
+            for msg in iter_events(client, 600):
+                if msg.body["event"] == "mesh" and not msg.body["final"]:
+                    latencies.append(time.time() - msg.body["emitted_at"])
+                    count += 1
+                    nbytes += sum(np.asarray(b).nbytes for b in msg.buffers.values())
+                if msg.body.get("state") in ("done", "failed", "cancelled"):
+                    break
+            wall = time.monotonic() - started
+            print(
+                f"{name}: {count} mesh events ({nbytes / count / 2**20:.2f} MiB each) in {wall:.2f} s "
+                f"= {count / wall:.1f} events/s; emit-to-receive latency median "
+                f"{1000 * float(np.median(latencies)):.2f} ms, max {1000 * max(latencies):.2f} ms"
+            )
+    finally:
+        client.close()
+        server.process.send_signal(__import__("signal").SIGTERM)
+        server.process.wait(20)
+    return 0
+
+
 # The entry for subprocess tests ------------------------------------------------------------------
 
 
@@ -247,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     from backend.logging_setup import configure_logging
     from backend.server import ServerConfig, serve
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m tests.backend.mesh_runner")
     parser.add_argument("--bind", default="tcp://127.0.0.1:*")
     parser.add_argument("--store", type=Path, required=True)
