@@ -185,6 +185,11 @@ _MONITOR_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+_HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+)
 _CONNECTION_STATE = {
     zmq.EVENT_CONNECTED: "connected, handshake not finished",
     zmq.EVENT_CONNECT_RETRIED: "the connection was refused (nothing listening there?)",
@@ -220,6 +225,7 @@ class ClientSocket:
         self.context = context if context is not None else zmq.Context()
         self._pending: collections.deque[Message] = collections.deque()
         self._state = "no connection attempt finished yet"
+        self._handshake_failed = False
         self.socket = self.context.socket(zmq.DEALER)
         self._monitor: zmq.Socket | None = None
         try:
@@ -248,15 +254,23 @@ class ClientSocket:
         return self._state
 
     def _drain_monitor(self) -> bool:
-        """Read pending monitor events; True when the server refused us at the handshake."""
-        refused = False
+        """Read pending monitor events; True when a security handshake failed.
+
+        A handshake failure is the most telling thing the transport reports, so the disconnects
+        and reconnects that follow it do not replace it until a handshake succeeds.
+        """
+        failed = False
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
-            self._state = _CONNECTION_STATE.get(event, self._state)
-            refused = refused or event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-        if refused:  # the disconnect that follows a refusal says less than the refusal
-            self._state = _CONNECTION_STATE[zmq.EVENT_HANDSHAKE_FAILED_AUTH]
-        return refused
+            if event in _HANDSHAKE_FAILURES:
+                failed, self._handshake_failed = True, True
+                self._state = _CONNECTION_STATE[event]
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_failed = False
+                self._state = _CONNECTION_STATE[event]
+            elif not self._handshake_failed:
+                self._state = _CONNECTION_STATE.get(event, self._state)
+        return failed
 
     def send(self, msg: Message) -> None:
         """Queue `msg` for the server; TimeoutError when the send queue is full."""
@@ -286,14 +300,13 @@ class ClientSocket:
 
         Other messages arriving meanwhile are kept, in order, for `recv`. Raises TimeoutError,
         saying what the transport saw, when no reply comes within `timeout_s`, and at once when the
-        server refuses this client's key at the handshake.
+        security handshake fails (unknown client key, wrong server key, keys on one side only).
         """
         deadline = time.monotonic() + timeout_s
         self.send(msg)
         while True:
             remaining = deadline - time.monotonic()
-            refused = self._drain_monitor()
-            if refused:
+            if self._drain_monitor():  # a failed handshake does not fix itself: fail fast
                 raise TimeoutError(f"no reply from {self.address} to {msg.type}: {self._state}")
             if remaining <= 0:
                 raise TimeoutError(
