@@ -182,6 +182,27 @@ def evaluate_sdf_on_grid(
     return sdf_v
 
 
+def _weld_and_drop_degenerate(verts_vx3: Tensor, faces_fx3: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge crossings that landed on the same point (an SDF of ±0 up to rounding at a grid
+    vertex), then drop triangles left with a repeated corner and the unused vertices.
+
+    The first vertex of each group of equal positions represents it (and carries its gradient).
+    """
+    with torch.no_grad():
+        _, group_v = torch.unique(verts_vx3.detach(), dim=0, return_inverse=True)
+        if group_v.max() + 1 == verts_vx3.shape[0]:
+            return verts_vx3, faces_fx3  # nothing coincides: the common case
+        order = torch.arange(verts_vx3.shape[0], device=verts_vx3.device)
+        first_of_group = torch.full_like(order, verts_vx3.shape[0]).scatter_reduce(
+            0, group_v, order, reduce="amin", include_self=True
+        )[: int(group_v.max()) + 1]
+        faces_fx3 = group_v[faces_fx3]
+        distinct = (faces_fx3[:, 0] != faces_fx3[:, 1]) & (faces_fx3[:, 1] != faces_fx3[:, 2]) & (faces_fx3[:, 2] != faces_fx3[:, 0])
+        faces_fx3 = faces_fx3[distinct]
+        used, faces_fx3 = torch.unique(faces_fx3, return_inverse=True)
+    return verts_vx3[first_of_group[used]], faces_fx3
+
+
 def marching_tetrahedra(
     grid: TetGrid,
     sdf_v: Tensor,
@@ -192,7 +213,8 @@ def marching_tetrahedra(
     sdf_v: [(N+1)³] per-vertex SDF (gradients flow to it through the interpolation weights).
     positions_fn: vertex ids [K] -> positions [K, 3] (e.g. deformed, differentiable); defaults to
     the undeformed grid. Returns verts_vx3 (float32) and faces_fx3 (int32), one vertex per
-    crossing grid edge, counter-clockwise seen from outside, zero-area triangles dropped.
+    crossing grid edge (crossings at the same point merged), counter-clockwise seen from outside,
+    triangles with a repeated corner dropped.
     """
     if sdf_v.shape != (grid.num_vertices,):
         raise ValueError(f"sdf_v must have shape [{grid.num_vertices}], got {tuple(sdf_v.shape)}")
@@ -225,16 +247,14 @@ def marching_tetrahedra(
     pos_a, pos_b = positions_fn(edge_a), positions_fn(edge_b)
     weight_a = (sdf_b / (sdf_b - sdf_a)).unsqueeze(-1)
     verts_vx3 = pos_a * weight_a + pos_b * (1 - weight_a)
-    # 4. Triangles from the case table, then drop zero-area ones.
+    # 4. Triangles from the case table.
     with torch.no_grad():
         table = TRIANGLE_TABLE_16x6.to(device)[case_t]  # [T, 6] edge slots
         count = NUM_TRIANGLES_16.to(device)[case_t]
         first = torch.gather(slot_to_vertex_tx6, 1, table[:, :3].clamp(min=0))
         second = torch.gather(slot_to_vertex_tx6, 1, table[:, 3:].clamp(min=0))[count == 2]
         faces_fx3 = torch.cat([first, second], dim=0)
-        v0, v1, v2 = (verts_vx3.detach()[faces_fx3[:, c]] for c in range(3))
-        area2 = torch.linalg.cross(v1 - v0, v2 - v0).norm(dim=-1)
-        faces_fx3 = faces_fx3[area2 > 0]
+    verts_vx3, faces_fx3 = _weld_and_drop_degenerate(verts_vx3, faces_fx3)
     return verts_vx3.float(), faces_fx3.to(torch.int32)
 
 
