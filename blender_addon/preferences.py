@@ -72,6 +72,11 @@ class DreamloomPreferences(AddonPreferences):
         ],
         default="default",
     )
+    backend_device: EnumProperty(
+        name="Device",
+        items=[("cuda", "CUDA", "Run the pipeline on the GPU"), ("cpu", "CPU", "Run on the CPU (tiny models only, slow)")],
+        default="cuda",
+    )
     request_timeout: FloatProperty(
         name="Timeout", default=5.0, min=0.5, max=120.0, unit="TIME_ABSOLUTE",
         description="Seconds to wait for the backend's reply before reporting it unreachable",
@@ -95,6 +100,7 @@ class DreamloomPreferences(AddonPreferences):
             address=self.backend_address,
             store_dir=bpy.path.abspath(store),
             models=self.backend_models,
+            device=self.backend_device,
         )
 
     def draw(self, context: bpy.types.Context) -> None:
@@ -109,7 +115,8 @@ class DreamloomPreferences(AddonPreferences):
             box.prop(self, "backend_python")
             box.prop(self, "backend_project_dir")
             box.prop(self, "backend_store_dir")
-            box.prop(self, "backend_models")
+            box.row().prop(self, "backend_models", expand=True)
+            box.row().prop(self, "backend_device", expand=True)
             row = box.row()
             row.operator("dreamloom.start_backend", icon="PLAY")
             row.operator("dreamloom.stop_backend", icon="PAUSE")

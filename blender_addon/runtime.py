@@ -8,6 +8,7 @@ records errors for the panel and for reports.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import bpy
@@ -29,6 +30,8 @@ TIMER_BUSY_S = 0.1
 """Timer interval while requests or jobs are under way."""
 TIMER_IDLE_S = 1.0
 """Timer interval otherwise."""
+LOCAL_START_TIMEOUT_S = 180.0
+"""How long `hello` may wait for a local backend that was just started (it loads its models)."""
 PREVIEW_IMAGE_NAME = "Dreamloom Preview"
 """The image datablock the panel shows the newest preview in."""
 
@@ -75,10 +78,13 @@ def session() -> ClientSession:
     """The open session, opened (and `hello` sent) when there is none. Raises SessionError."""
     if STATE.session is None:
         prefs = preferences.get()
-        if prefs.backend_mode == "LOCAL" and STATE.local is None and prefs.backend_project_dir:
-            start_local_backend()
+        timeout_s = prefs.request_timeout
+        if prefs.backend_mode == "LOCAL" and prefs.backend_project_dir:
+            local = start_local_backend()
+            starting_for_s = time.monotonic() - local.started_at
+            timeout_s = max(timeout_s, LOCAL_START_TIMEOUT_S - starting_for_s)
         STATE.session = ClientSession(prefs.connection())
-        STATE.session.hello(timeout_s=prefs.request_timeout)
+        STATE.session.hello(timeout_s=timeout_s)
     return STATE.session
 
 
@@ -127,6 +133,17 @@ def stop_local_backend() -> bool:
     return was_running
 
 
+def check_local_backend() -> None:
+    """If the local backend died while a request waits on it, say so (with its log) at once."""
+    local = STATE.local
+    if local is None or local.running or STATE.session is None or not STATE.session.pending:
+        return
+    tail = " | ".join(local.log_tail(3))
+    record_problem(Problem(f"the local backend exited with status {local.exit_code}: {tail}", "backend_python"))
+    close_session()
+    STATE.reattach_needed = False
+
+
 def local_backend_status() -> str:
     """One line about the local backend process."""
     if STATE.local is None:
@@ -149,6 +166,9 @@ def pump(max_messages: int = 64) -> int:
     try:
         if STATE.reattach_needed:
             reattach()
+        if STATE.session is None:
+            return 0
+        check_local_backend()
         if STATE.session is None:
             return 0
         updates = STATE.session.poll(max_messages)
@@ -259,7 +279,8 @@ def apply_event(update: JobEvent) -> None:
             obj = importer.apply_generate_mesh(scene, item, update.message)
         item.stage = str(body.get("stage") or item.stage)
     elif kind in ("state", "stage"):
-        item.state, item.stage, item.steps = update.job.state, update.job.stage, update.job.steps
+        item.state, item.stage = update.job.state, update.job.stage
+        item.step, item.steps = update.job.step, update.job.steps
         item.error = update.job.error
         if item.state == "failed":
             record_problem(Problem(f"job '{item.prompt[:40]}' failed: {item.error}"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ class LocalBackendSettings:
     """The job store folder (jobs survive restarts here)."""
     models: str = "default"
     """The `--models` preset: "default" (real weights) or "tiny" (random tiny models, for tests)."""
+    device: str = "cuda"
+    """The `--device` the pipeline runs on: "cuda" or "cpu"."""
 
 
 def check_settings(settings: LocalBackendSettings) -> None:
@@ -56,6 +59,7 @@ def serve_command(settings: LocalBackendSettings) -> list[str]:
         "--bind", settings.address,
         "--store", str(Path(settings.store_dir).expanduser()),
         "--models", settings.models,
+        "--device", settings.device,
     ]
 
 
@@ -67,6 +71,8 @@ class LocalBackend:
         self.settings = settings
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+        """time.monotonic() of the last start."""
 
     def start(self) -> None:
         """Start the process (returns at once); its output goes to `log_path`."""
@@ -89,6 +95,7 @@ class LocalBackend:
                 stderr=subprocess.STDOUT,
                 creationflags=creationflags,
             )
+        self.started_at = time.monotonic()
 
     @property
     def running(self) -> bool:
