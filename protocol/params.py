@@ -334,8 +334,8 @@ def _image_buffer(value: Any, field_path: str, png_only: bool) -> None:
 
 
 def _array(value: Any, field_path: str, dtype: str, columns: int, rows: int | None = None) -> np.ndarray:
-    """A numpy buffer of `dtype` and shape [rows, columns] (any rows >= 1 when rows is None)."""
-    if not isinstance(value, np.ndarray) or value.dtype != np.dtype(dtype):
+    """A little-endian numpy buffer of `dtype` ("f4", "i4") and shape [rows, columns] (rows >= 1)."""
+    if not isinstance(value, np.ndarray) or value.dtype != np.dtype("<" + dtype):
         shown = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
         raise _fail(field_path, f"{field_path} must be a {dtype} array, got {shown}")
     wanted = f"[{'N' if rows is None else rows}, {columns}]"
@@ -350,17 +350,17 @@ def _mesh_buffers(buffers: Mapping[str, Any]) -> None:
     for name in ("positions", "faces"):
         if name not in buffers:
             raise _fail(f"buffers.{name}", f"refine_texture needs the buffer {name!r}")
-    positions_nx3 = _array(buffers["positions"], "buffers.positions", "<f4", 3)
+    positions_nx3 = _array(buffers["positions"], "buffers.positions", "f4", 3)
     if not np.isfinite(positions_nx3).all():
         raise _fail("buffers.positions", "buffers.positions holds NaN or infinite values")
-    faces_mx3 = _array(buffers["faces"], "buffers.faces", "<i4", 3)
+    faces_mx3 = _array(buffers["faces"], "buffers.faces", "i4", 3)
     count = positions_nx3.shape[0]
     low, high = int(faces_mx3.min()), int(faces_mx3.max())
     if low < 0 or high >= count:
         bad = low if low < 0 else high
         raise _fail("buffers.faces", f"buffers.faces holds vertex index {bad}; indices must be in [0, {count})")
     if "uvs" in buffers:
-        uvs_nx2 = _array(buffers["uvs"], "buffers.uvs", "<f4", 2, rows=count)
+        uvs_nx2 = _array(buffers["uvs"], "buffers.uvs", "f4", 2, rows=count)
         if not np.isfinite(uvs_nx2).all():
             raise _fail("buffers.uvs", "buffers.uvs holds NaN or infinite values")
     if "texture" in buffers:

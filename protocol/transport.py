@@ -144,7 +144,10 @@ class ServerSocket:
         peer = frames[0].bytes
         client_key = None
         if self._auth is not None:
-            client_key = frames[-1].get("User-Id")
+            try:
+                client_key = frames[-1].get("User-Id")
+            except zmq.ZMQError:  # no ZAP metadata on this message: treat as anonymous
+                client_key = None
         try:
             return Incoming(peer, client_key, decode(frames[1:], self.max_message_bytes), None)
         except ProtocolError as exc:

@@ -178,6 +178,7 @@ def test_image_buffer_rules() -> None:
         (lambda b: b.update(positions=np.where(np.arange(3) == 1, np.nan, b["positions"]).astype(np.float32)), "buffers.positions", "NaN"),
         (lambda b: b.update(faces=b["faces"].astype(np.int64)), "buffers.faces", "i4"),
         (lambda b: b.update(faces=b["faces"].astype(np.uint32)), "buffers.faces", "i4"),
+        (lambda b: b.update(faces=b["faces"].astype(">i4")), "buffers.faces", "got >i4"),
         (lambda b: b.update(faces=b["faces"].reshape(-1)), "buffers.faces", "[N, 3]"),
         (lambda b: b.update(faces=np.where(b["faces"] == 0, len(b["positions"]), b["faces"]).astype(np.int32)), "buffers.faces", "[0, "),
         (lambda b: b.update(faces=np.where(b["faces"] == 0, -1, b["faces"]).astype(np.int32)), "buffers.faces", "index -1"),
