@@ -225,6 +225,73 @@ def scenario_bad_input(args) -> dict:
     return messages
 
 
+def read_obj(path: Path):
+    """Vertices [V,3], triangles [T,3], UVs per corner [T,3,2] of an OBJ with vt (numpy, no bpy)."""
+    import numpy as np
+
+    verts, uvs, tri_v, tri_uv = [], [], [], []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] == "v":
+            verts.append([float(x) for x in parts[1:4]])
+        elif parts and parts[0] == "vt":
+            uvs.append([float(x) for x in parts[1:3]])
+        elif parts and parts[0] == "f":
+            corners = [p.split("/") for p in parts[1:]]
+            for i in range(1, len(corners) - 1):
+                tri = [corners[0], corners[i], corners[i + 1]]
+                tri_v.append([int(c[0]) - 1 for c in tri])
+                tri_uv.append([uvs[int(c[1]) - 1] for c in tri])
+    return np.array(verts, np.float32), np.array(tri_v, np.int64), np.array(tri_uv, np.float32)
+
+
+def scenario_import_textured(args) -> dict:
+    """Feed real mesh events (spot split along its UV seams, its PNG texture) through the wire
+    codec into the importer; save and reopen the .blend."""
+    import numpy as np
+
+    install(args.zip)
+    core_mesh = sys.modules[f"{MODULE}.core.mesh"]
+    jobs = sys.modules[f"{MODULE}.core.jobs"]
+    session = sys.modules[f"{MODULE}.core.session"]
+    runtime = sys.modules[f"{MODULE}.runtime"]
+    protocol = sys.modules[f"{MODULE}.core._protocol"]
+    verts, tris, tri_uvs = read_obj(args.mesh)
+    split = core_mesh.split_by_uv(verts, tris, tri_uvs)
+    texture = (args.mesh.parent / "spot_texture.png").read_bytes()
+    scene = bpy.context.scene
+    item = runtime.add_job_item(scene, "f" * 32, "generate", "a textured cow")
+    record = jobs.JobRecord(job_id=item.job_id, kind="generate", prompt=item.prompt)
+    results = []
+    for seq, (scale, final) in enumerate([(0.5, False), (1.0, True)], start=1):
+        buffers = {"positions": split.positions_nx3 * np.float32(scale), "faces": split.faces_mx3,
+                   "uvs": split.uvs_nx2}
+        if final:
+            buffers["texture"] = texture
+        message = protocol.Message(type="event", job_id=item.job_id, seq=seq,
+                                   body={"event": "mesh", "stage": "texture", "step": seq, "final": final},
+                                   buffers=buffers)
+        decoded = protocol.codec.decode(protocol.codec.encode(message))
+        record.last_seq = seq
+        runtime.apply_event(session.JobEvent(record, decoded))
+        obj = bpy.data.objects[item.object_name]
+        results.append({"object": obj.name, "mesh": obj.data.name, "verts": len(obj.data.vertices),
+                        "faces": len(obj.data.polygons), "seq": obj.get("dreamloom_seq"),
+                        "top_z": max(v.co.z for v in obj.data.vertices)})
+    obj = bpy.data.objects[item.object_name]
+    uv_layer = obj.data.uv_layers.active
+    loop_uvs = np.empty(2 * len(obj.data.loops), np.float32)
+    uv_layer.data.foreach_get("uv", loop_uvs)
+    uv_error = float(np.abs(loop_uvs.reshape(-1, 3, 2) - tri_uvs).max())
+    name = obj.name
+    bpy.ops.wm.save_as_mainfile(filepath=str(args.save))
+    bpy.ops.wm.open_mainfile(filepath=str(args.save))
+    reopened = bpy.data.objects[name]
+    return {"sent_vertices": len(split.positions_nx3), "obj_vertices": len(verts), "results": results,
+            "uv_error": uv_error, "collection": [o.name for o in job_objects()],
+            **material_summary(reopened)}
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 

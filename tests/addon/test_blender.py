@@ -117,3 +117,20 @@ def test_bad_input_is_reported_with_its_field(addon_zip: Path, tmp_path: Path, m
     assert "image_path" in result["image_path"] and "/no/such.png" in result["image_path"]
     assert "params.prompt" in result["prompt"]
     assert "backend_address" in result["backend_address"] and "localhost:5555" in result["backend_address"]
+
+
+def test_textured_mesh_events_weld_uv_and_pack(addon_zip: Path, tmp_path: Path):
+    """Real spot data (split along its seams, its PNG) through the codec into the importer."""
+    result = blender("import_textured", addon_zip, tmp_path, "--mesh", str(SHARED / "meshes" / "spot.obj"),
+                     "--save", str(tmp_path / "textured.blend"))
+    assert result["sent_vertices"] > result["obj_vertices"] == 2930  # seams were split on the wire
+    first, final = result["results"]
+    assert first["verts"] == final["verts"] == 2930 and final["faces"] == 5856  # welded back
+    assert (first["object"], first["mesh"]) == (final["object"], final["mesh"]) and final["seq"] == 2
+    assert final["top_z"] == pytest.approx(2 * first["top_z"])  # replaced in place
+    assert result["uv_error"] == 0.0  # every corner kept its UV
+    assert result["collection"] == ["a textured cow"]
+    # after saving and reopening: the material, its packed texture, the UV map
+    assert result["material"] == "Dreamloom a textured cow"
+    assert result["image_packed"] and result["image_size"] == [1024, 1024]
+    assert result["uv_maps"] == ["UVMap"]
