@@ -57,7 +57,6 @@ def run_serve(args: argparse.Namespace) -> int:
     """`serve`: check the settings, build the runner, serve until SIGINT/SIGTERM."""
     from backend.logging_setup import configure_logging
     from backend.server import ConfigError, ServerConfig, check_bind_security, load_runner, serve
-    from protocol.transport import is_loopback
 
     if args.max_queue < 1:
         return _refuse(f"--max-queue must be >= 1, got {args.max_queue}")
@@ -69,7 +68,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, device=args.device or "cpu", models=args.models,
     )
     try:
-        check_bind_security(config, is_loopback)
+        check_bind_security(config)
     except ConfigError as exc:
         return _refuse(str(exc))
     configure_logging(config.store_dir, verbose=args.verbose)

@@ -32,6 +32,7 @@ from backend.store import FINISHED_STATES, JobRecord, JobStore, StoredEvent
 from protocol import messages as pm
 from protocol.codec import ProtocolError
 from protocol.messages import ErrorCode, Message, MessageType
+from protocol.transport import Incoming, ServerSocket, is_loopback
 
 log = logging.getLogger("dreamloom.server")
 
@@ -101,7 +102,7 @@ class _Outbox:
     """Guards `progress`."""
 
 
-def check_bind_security(config: ServerConfig, is_loopback: Callable[[str], bool]) -> None:
+def check_bind_security(config: ServerConfig) -> None:
     """Refuse a non-loopback bind without keys unless `insecure` (PROTOCOL.md section 7)."""
     if config.keys_dir is None and not config.insecure and not is_loopback(config.bind):
         raise ConfigError(
@@ -152,8 +153,8 @@ class Server:
         self._wake_rx = self._zctx.socket(zmq.PAIR)
         self._wake_tx = self._zctx.socket(zmq.PAIR)
         self._worker: threading.Thread | None = None
-        self._sock: Any = None
-        self._handlers: dict[str, Callable[[Any, Message], Message]] = {
+        self._sock: ServerSocket = None
+        self._handlers: dict[str, Callable[[Incoming, Message], Message]] = {
             MessageType.HELLO: self._hello,
             MessageType.SUBMIT: self._submit,
             MessageType.CANCEL: self._cancel,
@@ -174,8 +175,6 @@ class Server:
 
     def run(self) -> None:
         """Bind, start the worker, serve until `stop`, then shut down gracefully."""
-        from protocol.transport import ServerSocket
-
         address = f"inproc://dreamloom-wake-{id(self)}"
         self._wake_rx.bind(address)
         self._wake_tx.connect(address)
@@ -213,7 +212,7 @@ class Server:
 
     # 2. The main loop -------------------------------------------------------------------------
 
-    def _loop(self, sock: Any) -> None:
+    def _loop(self, sock: ServerSocket) -> None:
         poller = zmq.Poller()
         poller.register(sock.socket, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
@@ -237,7 +236,7 @@ class Server:
             return int(RETRY_BEHIND_S * 1000)
         return POLL_MS
 
-    def _serve_requests(self, sock: Any) -> None:
+    def _serve_requests(self, sock: ServerSocket) -> None:
         for _ in range(1000):  # bounded, so events still flow under a flood of requests
             incoming = sock.recv(0)
             if incoming is None:
@@ -246,7 +245,7 @@ class Server:
             if reply is not None:
                 sock.send(incoming.peer, reply)
 
-    def _answer(self, incoming: Any) -> Message | None:
+    def _answer(self, incoming: Incoming) -> Message | None:
         """The reply to one received message; never raises."""
         if incoming.error is not None:
             return incoming.error.to_message()
@@ -269,7 +268,7 @@ class Server:
 
     # 3. Requests -------------------------------------------------------------------------------
 
-    def _hello(self, incoming: Any, request: Message) -> Message:
+    def _hello(self, incoming: Incoming, request: Message) -> Message:
         version = request.body.get("protocol")
         if version != pm.PROTOCOL_VERSION:
             raise ProtocolError(
@@ -277,6 +276,7 @@ class Server:
                 f"this server speaks protocol {pm.PROTOCOL_VERSION}, the client asked for {version!r}",
                 "protocol",
             )
+        assert self._sock is not None
         log.info("hello from %s %s", request.body.get("client_name"), request.body.get("client_version"))
         return pm.reply_to(request, MessageType.WELCOME, {
             "server_version": SERVER_VERSION,
@@ -287,7 +287,7 @@ class Server:
             "heartbeat_ms": self._sock.heartbeat_ms,
         })
 
-    def _submit(self, incoming: Any, request: Message) -> Message:
+    def _submit(self, incoming: Incoming, request: Message) -> Message:
         from protocol.params import params_to_dict, validate_submit
 
         kind = request.body.get("kind")
@@ -314,7 +314,7 @@ class Server:
         reply.job_id = record.job_id
         return reply
 
-    def _cancel(self, incoming: Any, request: Message) -> Message:
+    def _cancel(self, incoming: Incoming, request: Message) -> Message:
         job = self._visible_job(incoming, request)
         with self._current_lock:  # the worker claims jobs under this lock too
             cancelled = self.store.cancel_if_queued(job.job_id)
@@ -325,7 +325,7 @@ class Server:
             log.info("job %s cancelled while queued", job.job_id)
         return pm.reply_to(request, MessageType.CANCELLED, {"job_id": job.job_id})
 
-    def _subscribe(self, incoming: Any, request: Message) -> Message:
+    def _subscribe(self, incoming: Incoming, request: Message) -> Message:
         job = self._visible_job(incoming, request)
         after_seq = request.body.get("after_seq", 0)
         if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < 0:
@@ -337,16 +337,16 @@ class Server:
         reply.job_id = job.job_id
         return reply
 
-    def _unsubscribe(self, incoming: Any, request: Message) -> Message:
+    def _unsubscribe(self, incoming: Incoming, request: Message) -> Message:
         job = self._visible_job(incoming, request)
         self._subs.pop((incoming.peer, job.job_id), None)
         return pm.reply_to(request, MessageType.UNSUBSCRIBED, {"job_id": job.job_id})
 
-    def _list_jobs(self, incoming: Any, request: Message) -> Message:
+    def _list_jobs(self, incoming: Incoming, request: Message) -> Message:
         jobs = self.store.list_jobs(owner=_owner(incoming))
         return pm.reply_to(request, MessageType.JOBS, {"jobs": [job.listing() for job in jobs]})
 
-    def _get_result(self, incoming: Any, request: Message) -> Message:
+    def _get_result(self, incoming: Incoming, request: Message) -> Message:
         job = self._visible_job(incoming, request)
         glb = self.store.load_result(job.job_id) if job.state == "done" else None
         if glb is None:
@@ -355,7 +355,7 @@ class Server:
         reply.job_id = job.job_id
         return reply
 
-    def _delete_job(self, incoming: Any, request: Message) -> Message:
+    def _delete_job(self, incoming: Incoming, request: Message) -> Message:
         job = self._visible_job(incoming, request)
         with self._current_lock:  # the worker claims jobs under this lock too
             self.store.mark_deleted(job.job_id)
@@ -367,10 +367,10 @@ class Server:
         log.info("job %s deleted", job.job_id)
         return pm.reply_to(request, MessageType.DELETED, {"job_id": job.job_id})
 
-    def _ping(self, incoming: Any, request: Message) -> Message:
+    def _ping(self, incoming: Incoming, request: Message) -> Message:
         return pm.reply_to(request, MessageType.PONG)
 
-    def _visible_job(self, incoming: Any, request: Message) -> JobRecord:
+    def _visible_job(self, incoming: Incoming, request: Message) -> JobRecord:
         job_id = request.body.get("job_id", request.job_id)
         if not isinstance(job_id, str):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"job_id must be a string, got {job_id!r}", "job_id")
@@ -411,7 +411,7 @@ class Server:
         finally:
             self._wake_lock.release()
 
-    def _send_events(self, sock: Any) -> None:
+    def _send_events(self, sock: ServerSocket) -> None:
         while True:
             try:
                 event = self._outbox.events.get_nowait()
@@ -423,7 +423,7 @@ class Server:
                 elif sub.sent_seq < event.seq:
                     sub.retry_at = sub.retry_at or time.monotonic()
 
-    def _send_event(self, sock: Any, sub: Subscription, event: StoredEvent) -> bool:
+    def _send_event(self, sock: ServerSocket, sub: Subscription, event: StoredEvent) -> bool:
         msg = Message(type=MessageType.EVENT, body=event.body, buffers=event.buffers, job_id=event.job_id, seq=event.seq)
         if sock.send(sub.peer, msg):
             sub.sent_seq = event.seq
@@ -436,7 +436,7 @@ class Server:
         sub.retry_at = now + RETRY_BEHIND_S
         return False
 
-    def _catch_up(self, sock: Any) -> None:
+    def _catch_up(self, sock: ServerSocket) -> None:
         now = time.monotonic()
         for key, sub in list(self._subs.items()):
             if not sub.retry_at or sub.retry_at > now:
@@ -450,7 +450,7 @@ class Server:
                 if not self._send_event(sock, sub, event):
                     break
 
-    def _send_progress(self, sock: Any) -> None:
+    def _send_progress(self, sock: ServerSocket) -> None:
         with self._outbox.lock:
             pending, self._outbox.progress = self._outbox.progress, {}
         for job_id, (body, buffers) in pending.items():
@@ -537,12 +537,9 @@ class Server:
         log.info("job %s %s%s", job_id, state, f": {reason}" if reason else "")
 
 
-def _owner(incoming: Any) -> str:
+def _owner(incoming: Incoming) -> str:
     """The owner a job submitted by this client gets: its public key, "" without keys."""
-    key = getattr(incoming, "client_key", None)
-    if isinstance(key, bytes):
-        key = key.decode("ascii")
-    return key or ""
+    return incoming.client_key or ""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -553,8 +550,6 @@ def _one_line(exc: BaseException) -> str:
 
 def serve(config: ServerConfig, runner: JobRunner | None, runner_missing: str | None = None) -> int:
     """Run a server in this thread until SIGINT/SIGTERM; returns the exit status."""
-    from protocol.transport import is_loopback
-
     if config.insecure and config.keys_dir is None and not is_loopback(config.bind):
         log.warning("INSECURE: %s accepts unencrypted, unauthenticated clients (--insecure)", config.bind)
     if runner is None:

@@ -308,7 +308,7 @@ def test_malformed_messages_never_stop_the_server(start: Any) -> None:
                     frames[-1] = frames[-1][: len(frames[-1]) // 2]
             raw.send_multipart(frames or [b""])
         replies = 0
-        while raw.poll(500):
+        while raw.poll(2000):
             raw.recv_multipart()
             replies += 1
         assert replies > 1000
