@@ -353,15 +353,18 @@ class LocalContext:
         self._seq = self._last_seq()
 
     def _last_seq(self) -> int:
+        """The newest seq in events.jsonl; a last line cut short by a kill is dropped."""
         if not self.events_path.is_file():
             return 0
-        last = 0
+        kept: list[str] = []
         for line in self.events_path.read_text().splitlines():
             try:
-                last = max(last, int(json.loads(line)["seq"]))
+                json.loads(line)["seq"]
             except (ValueError, KeyError):
-                continue  # a line cut short by a kill
-        return last
+                break
+            kept.append(line)
+        self.events_path.write_text("".join(line + "\n" for line in kept))
+        return json.loads(kept[-1])["seq"] if kept else 0
 
     # The JobContext interface -------------------------------------------------------------------
 

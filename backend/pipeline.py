@@ -447,11 +447,12 @@ class Job:
 
     def _stage_start(self, stage: str, steps: int, start: int, modules: dict, optimisers: dict,
                      tensors: dict | None = None, save_modules: dict | None = None) -> None:
-        """The `stage` event, and the stage-start checkpoint (not when resuming mid-stage)."""
-        self.ctx.emit("stage", {"stage": stage, "steps": steps})
+        """The stage-start checkpoint (not when resuming mid-stage), then the `stage` event: a
+        process killed once the event is out resumes in this stage, never before it."""
         if start == 0:
             self._save(stage, 0, save_modules if save_modules is not None else modules,
                        optimisers if save_modules is None else {}, tensors)
+        self.ctx.emit("stage", {"stage": stage, "steps": steps})
 
     def _after_step(self, cadence: Cadence, step: int, timer: "StepTimer", values: dict,
                     render: Tensor, mesh_fn, modules: dict, optimisers: dict,
@@ -463,6 +464,8 @@ class Job:
                           losses=values, preview_png=preview)
         if cadence.mesh_due(step):
             mesh = mesh_fn()
+            if not bool(torch.isfinite(mesh[0]).all()):
+                raise self._diverged("non-finite mesh")
             emit_mesh(self.ctx, self.stage, step + 1, mesh[0], mesh[1],
                       colors_vx3=mesh[2] if len(mesh) > 2 else None)
         if cadence.checkpoint_due(step):
@@ -508,11 +511,13 @@ class Job:
     def _check_finite(self, total: Tensor, values: dict[str, float]) -> None:
         if not torch.isfinite(total).item():
             bad = [name for name, value in values.items() if not math.isfinite(value)]
-            which = f" ({', '.join(bad)})" if bad else ""
-            raise JobFailed(
-                f"the optimisation diverged (NaN loss{which}) at {self.stage} step {self.step}; "
-                "try another seed or a lower guidance scale"
-            )
+            raise self._diverged(f"NaN loss: {', '.join(bad)}" if bad else "NaN loss")
+
+    def _diverged(self, what: str) -> JobFailed:
+        return JobFailed(
+            f"the optimisation diverged ({what}) at {self.stage} step {self.step}; "
+            "try another seed or a lower guidance scale"
+        )
 
     def _oom_reason(self) -> str:
         cfg = self.config
@@ -640,7 +645,10 @@ class Job:
         from backend.dmtet import extract_mesh_from_sdf
 
         with torch.no_grad():
-            return extract_mesh_from_sdf(neus.sdf, self.config.coarse.mesh_res, self.device)
+            try:
+                return extract_mesh_from_sdf(neus.sdf, self.config.coarse.mesh_res, self.device)
+            except ValueError as exc:  # the SDF is no longer finite
+                raise self._diverged(f"the SDF: {exc}") from exc
 
     def _colored_surface(self, surface: Surface, color) -> tuple[Tensor, Tensor, Tensor]:
         with torch.no_grad():
