@@ -356,3 +356,30 @@ def test_curve_refuses_unknown_keys_and_hides_other_keys_jobs(start: Any, tmp_pa
         assert request(bob, type, {"job_id": job_id}).body["code"] == "unknown_job", type
     assert request(bob, "subscribe", {"job_id": job_id, "after_seq": 0}).body["code"] == "unknown_job"
     assert request(alice, "get_result", {"job_id": job_id}).type == "result"
+
+
+def test_unsubscribe_stops_events_and_subscribe_resumes_them(start: Any) -> None:
+    server = start(MeshRunner(step_delay_s=0.02, steps_per_stage=30))
+    client = start.client(server.address)
+    job_id = submit(client, "suzanne")
+    wait_for(lambda: job_states(client)[job_id] == "running")
+    assert request(client, "unsubscribe", {"job_id": job_id}).type == "unsubscribed"
+    time.sleep(0.05)
+    while client.recv(0) is not None:  # what was already on its way
+        pass
+    quiet_until = time.monotonic() + 0.3
+    while time.monotonic() < quiet_until:
+        msg = client.recv(50)
+        assert msg is None or msg.job_id != job_id, msg
+    last = request(client, "subscribe", {"job_id": job_id, "after_seq": 0}).body["last_seq"]
+    events = collect_until_final(client, job_id)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)) and len(events) > last
+
+
+def test_serve_refuses_bad_flags_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from backend.__main__ import main
+
+    assert main(["serve", "--store", str(tmp_path / "s"), "--max-queue", "0"]) == 2
+    assert "--max-queue must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["serve", "--store", str(tmp_path / "s"), "--keys", str(tmp_path / "none")]) == 2
+    assert f"--keys {tmp_path / 'none'} is not a folder" in capsys.readouterr().err
