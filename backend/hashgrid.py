@@ -118,7 +118,7 @@ def encode_level_torch(x01_nx3: Tensor, table_txf: Tensor, resolution: int, dens
     rows_nx8 = vertex_rows(corner_nx8x3, resolution, dense, table_txf.shape[0])
     weight_nx8x3 = torch.where(corners_8x3[None].bool(), frac_nx3[:, None, :], 1.0 - frac_nx3[:, None, :])
     weight_nx8 = weight_nx8x3.prod(dim=-1)
-    features_nx8xf = table_txf[rows_nx8]
+    features_nx8xf = table_txf.index_select(0, rows_nx8.reshape(-1)).reshape(*rows_nx8.shape, -1)
     return (features_nx8xf * weight_nx8[..., None]).sum(dim=1)
 
 

@@ -443,19 +443,27 @@ class FitConfig:
 
 
 def sample_pixels(
-    cameras: Cameras, rgba_bxhxwx4: Tensor, num_rays: int, generator: torch.Generator | None
+    origins_bxhxwx3: Tensor,
+    dirs_bxhxwx3: Tensor,
+    rgba_bxhxwx4: Tensor,
+    num_rays: int,
+    generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Random pixels of posed images: ray origins ``[R, 3]``, unit directions ``[R, 3]`` and the
-    target RGBA ``[R, 4]`` (drawn on the generator's device, gathered on the images' device)."""
-    expected = (len(cameras), cameras.height, cameras.width, 4)
+    """Random pixels of posed images (rays from ``Cameras.rays()``): ray origins ``[R, 3]``,
+    unit directions ``[R, 3]`` and the target RGBA ``[R, 4]``. Indices are drawn on the
+    generator's device and gathered on the images' device."""
+    expected = (*origins_bxhxwx3.shape[:3], 4)
     if tuple(rgba_bxhxwx4.shape) != expected:
         raise ValueError(f"rgba_bxhxwx4 must have shape {expected}, got {tuple(rgba_bxhxwx4.shape)}")
-    total = rgba_bxhxwx4.shape[0] * rgba_bxhxwx4.shape[1] * rgba_bxhxwx4.shape[2]
+    total = expected[0] * expected[1] * expected[2]
     device = rgba_bxhxwx4.device
     index_r = torch.randint(total, (num_rays,), generator=generator, device=generator.device if generator else device)
     index_r = index_r.to(device)
-    origins, dirs = cameras.rays()
-    return origins.reshape(-1, 3)[index_r], dirs.reshape(-1, 3)[index_r], rgba_bxhxwx4.reshape(-1, 4)[index_r]
+    return (
+        origins_bxhxwx3.reshape(-1, 3)[index_r],
+        dirs_bxhxwx3.reshape(-1, 3)[index_r],
+        rgba_bxhxwx4.reshape(-1, 4)[index_r],
+    )
 
 
 def fit_to_images(
@@ -481,6 +489,7 @@ def fit_to_images(
         eps=1e-15,
     )
     background_3 = torch.tensor(config.background_rgb, dtype=rgba_bxhxwx4.dtype, device=rgba_bxhxwx4.device)
+    origins_bxhxwx3, dirs_bxhxwx3 = cameras.to(rgba_bxhxwx4.device).rays()
     losses: list[float] = []
     for step in range(config.steps):
         # 1. schedules: hash-grid levels, occupancy refresh, cosine annealing
@@ -489,7 +498,9 @@ def fit_to_images(
             occupancy.update(field, step)
         ratio = cos_anneal(step, config.anneal_steps)
         # 2. render random rays
-        origins_rx3, dirs_rx3, target_rx4 = sample_pixels(cameras, rgba_bxhxwx4, config.rays_per_step, generator)
+        origins_rx3, dirs_rx3, target_rx4 = sample_pixels(
+            origins_bxhxwx3, dirs_bxhxwx3, rgba_bxhxwx4, config.rays_per_step, generator
+        )
         out = render_rays(
             field, origins_rx3, dirs_rx3, background_3, config.num_samples, None, ratio, occupancy,
             stratified=True, generator=generator,
