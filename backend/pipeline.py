@@ -178,7 +178,7 @@ class Job:
     def coarse_stage(self, resume: ckpt.Checkpoint | None):
         from backend.cameras import sample_cameras
         from backend.neus import OccupancyGrid, cos_anneal, render_neus
-        from backend.stages.losses import reference_terms, sum_losses
+        from backend.stages.losses import reference_terms, sum_losses, view_axis_depth
 
         cfg = self.config.coarse
         self.stage = "coarse"
@@ -220,8 +220,9 @@ class Job:
                 ref_cam = self._reference_camera(ranges)
                 ref_out = render_neus(neus, ref_cam, torch.ones(3, device=self.device),
                                       cfg.num_samples, cos_anneal_ratio=anneal, occupancy=occupancy)
+                ref_depth = view_axis_depth(ref_out["depth"], ref_out["opacity"], ref_cam)
                 ref = reference_terms(self.reference, ref_cam, ref_out["rgb"], ref_out["opacity"],
-                                      ref_out["depth"], ref_out["normal"])
+                                      ref_depth, ref_out["normal"])
                 losses["ref_rgb"] = (cfg.ref_rgb_weight, ref["rgb"])
                 losses["ref_mask"] = (cfg.ref_mask_weight, ref["mask"])
                 if "depth" in ref:

@@ -62,6 +62,15 @@ def world_to_camera_normals(normal_bxhxwx3: Tensor, cameras: Any) -> Tensor:
     return torch.einsum("bji,bhwj->bhwi", rot_bx3x3, normal_bxhxwx3)
 
 
+def view_axis_depth(depth_bxhxwx1: Tensor, opacity_bxhxwx1: Tensor, cameras: Any) -> Tensor:
+    """A volume render's expected ray length (Σ w·t, not divided by opacity) as depth along each
+    camera's view axis, the convention of mesh renders and of the reference losses."""
+    _, dirs_bxhxwx3 = cameras.rays()
+    forward_bx3 = -cameras.c2w_bx4x4[:, :3, 2]
+    cos_bxhxwx1 = (dirs_bxhxwx3 * forward_bx3[:, None, None, :]).sum(-1, keepdim=True)
+    return depth_bxhxwx1 / opacity_bxhxwx1.clamp_min(1e-3) * cos_bxhxwx1.to(depth_bxhxwx1)
+
+
 def reference_terms(
     reference: Any,
     cameras: Any,
