@@ -246,7 +246,7 @@ def _locate_sources(spec: str, sources: ModelSources | None) -> ModelSources:
     if spec == "tiny":
         from backend.guidance.tiny import tiny_models_dir
 
-        return _sources_from_folder(tiny_models_dir(), "zero123")  # names: <cache>/models-tiny-v1/<role>
+        return _sources_from_folder(tiny_models_dir(), "zero123")  # names: <cache>/models-tiny-v2/<role>
     folder = Path(spec).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(

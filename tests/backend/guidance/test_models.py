@@ -44,10 +44,10 @@ def test_tiny_spec_builds_into_the_cache_once(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMLOOM_CACHE_DIR", str(tmp_path))
     models = load_models("tiny", device="cpu", roles=("prior2d",))
     assert models.zero123 is None and models.depth is None
-    assert (tmp_path / "models-tiny-v1" / "complete").exists()
-    stamp = (tmp_path / "models-tiny-v1" / "complete").stat().st_mtime_ns
+    assert (tmp_path / "models-tiny-v2" / "complete").exists()
+    stamp = (tmp_path / "models-tiny-v2" / "complete").stat().st_mtime_ns
     load_models("tiny", device="cpu", roles=("prior2d",))
-    assert (tmp_path / "models-tiny-v1" / "complete").stat().st_mtime_ns == stamp
+    assert (tmp_path / "models-tiny-v2" / "complete").stat().st_mtime_ns == stamp
 
 
 def test_missing_folder_names_the_folder(tmp_path):
