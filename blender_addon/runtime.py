@@ -189,9 +189,23 @@ def pump(max_messages: int = 64) -> int:
 
 
 def timer() -> float:
-    """The `bpy.app.timers` callback: pump, then come back soon while busy."""
+    """The `bpy.app.timers` callback: pump, show new errors, come back soon while busy."""
     pump()
+    windows = getattr(bpy.context.window_manager, "windows", [])
+    if STATE.problems and len(windows):
+        popup_problems(windows[0], take_problems())
     return TIMER_BUSY_S if busy() else TIMER_IDLE_S
+
+
+def popup_problems(window, problems: list[Problem]) -> None:
+    """Show errors that arrived in the background as a popup report (the panel shows them too)."""
+
+    def draw(menu, _context) -> None:
+        for problem in problems:
+            menu.layout.label(text=problem.text()[:200], icon="ERROR")
+
+    with bpy.context.temp_override(window=window):
+        bpy.context.window_manager.popup_menu(draw, title="Dreamloom", icon="ERROR")
 
 
 def reattach() -> None:
