@@ -17,6 +17,7 @@ from bpy.props import EnumProperty, FloatProperty, IntProperty, StringProperty
 from bpy.types import Operator
 
 from . import importer, preferences, runtime
+from .properties import QUALITY_ITEMS
 from .core import _protocol
 from .core import settings as core_settings
 from .core.mesh import MeshDataError
@@ -90,8 +91,7 @@ class DREAMLOOM_OT_generate(Operator):
     )
     quality: EnumProperty(
         name="Quality",
-        items=[("PANEL", "Panel", "Use the panel's quality")] + [tuple(i) for i in (
-            ("draft", "Draft", ""), ("standard", "Standard", ""), ("high", "High", ""))],
+        items=[("PANEL", "Panel", "Use the panel's quality"), *QUALITY_ITEMS],
         default="PANEL",
         options={"SKIP_SAVE"},
     )
@@ -266,7 +266,6 @@ class DREAMLOOM_OT_attach_job(Operator):
                 if kind == "refine_texture":
                     raise ValueError(f"job_id {self.job_id!r} refines a texture: attach it from the file that sent it")
                 item = runtime.add_job_item(scene, self.job_id, kind, row.prompt if row else self.job_id)
-            item.state = "queued" if item.state in ("failed",) else item.state
             runtime.session().follow(item.job_id, item.last_seq, item.kind, item.prompt)
         except USER_ERRORS as exc:
             return fail(self, exc)
