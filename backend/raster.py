@@ -372,8 +372,9 @@ class NvdiffrastRasterizer:
         _check_rast(rast_bxhxwx4)
         if attr.dim() == 3 and attr.shape[0] not in (1, rast_bxhxwx4.shape[0]):
             raise ValueError(f"attr must be [V, C] or [B={rast_bxhxwx4.shape[0]}, V, C], got {tuple(attr.shape)}")
+        attr_bxvxc = attr.unsqueeze(0) if attr.dim() == 2 else attr  # broadcast over the batch
         out, _ = self._dr().interpolate(
-            attr.float().contiguous(), rast_bxhxwx4.contiguous(), faces_fx3.to(torch.int32).contiguous()
+            attr_bxvxc.float().contiguous(), rast_bxhxwx4.contiguous(), faces_fx3.to(torch.int32).contiguous()
         )
         return out
 
@@ -497,3 +498,87 @@ def render_mesh(
         normal = face_normals(verts_vx3, faces_fx3)[tri_id.clamp(min=0)] * hit
     attrs = None if vertex_attrs is None else rasterizer.interpolate(vertex_attrs, rast, faces_fx3)
     return MeshRender(mask=mask, depth=depth, normal=normal, xyz=xyz, rast=rast, attrs=attrs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: python -m backend.raster bench [--device cuda] [--kind torch|nvdiffrast]
+
+
+def _bench_one(kind: str, device: torch.device, size: int, batch: int, subdivisions: int) -> dict:
+    """Render an icosphere (20·4^subdivisions faces) from `batch` orbit views; time and memory."""
+    import time
+
+    import trimesh
+
+    from backend.cameras import Cameras
+
+    def synced() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    mesh = trimesh.creation.icosphere(subdivisions=subdivisions, radius=0.45)
+    verts = torch.tensor(mesh.vertices, dtype=torch.float32, device=device).requires_grad_(True)
+    faces = torch.tensor(mesh.faces, dtype=torch.int32, device=device)
+    azimuths = torch.linspace(0.0, 360.0, batch + 1)[:batch]
+    cams = Cameras.from_orbit(
+        torch.full((batch,), 20.0), azimuths, torch.full((batch,), 2.0), torch.full((batch,), 40.0), size, size
+    ).to(device)
+    rasterizer = get_rasterizer(device, kind=kind)
+    render_mesh(rasterizer, verts, faces, cams).depth.sum().backward()  # warm-up (and plugin build)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    repeats = 5
+    forward_s = backward_s = 0.0
+    for _ in range(repeats):
+        start = synced()
+        render = render_mesh(rasterizer, verts, faces, cams, vertex_attrs=verts)
+        middle = synced()
+        (render.depth.sum() + render.attrs.sum()).backward()
+        forward_s, backward_s = forward_s + middle - start, backward_s + synced() - middle
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "kind": type(rasterizer).__name__, "device": str(device), "size": size, "batch": batch,
+        "faces": faces.shape[0], "forward_ms": round(1000 * forward_s / repeats, 1),
+        "backward_ms": round(1000 * backward_s / repeats, 1), "peak_mb": round(peak_mb, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import subprocess
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m backend.raster", description="Rasteriser benchmark")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="time and peak memory of render_mesh forward + backward")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--kind", default="torch", choices=["torch", "nvdiffrast", "auto"])
+    bench.add_argument("--configs", default="128x1x5,128x4x5,256x4x5,512x4x6",
+                       help="comma-separated SIZExBATCHxSUBDIVISIONS (faces = 20·4^subdivisions)")
+    bench.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    configs = [tuple(int(part) for part in config.split("x")) for config in args.configs.split(",")]
+    if args.in_process:
+        print(json.dumps(_bench_one(args.kind, torch.device(args.device), *configs[0])))
+        return 0
+    # One fresh process per configuration so peak memory is that configuration's own.
+    for config in args.configs.split(","):
+        command = [sys.executable, "-m", "backend.raster", "bench", "--device", args.device, "--kind", args.kind,
+                   "--configs", config, "--in-process"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"{config}: failed\n{result.stderr}", file=sys.stderr)
+            return result.returncode
+        print(result.stdout.strip(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -347,28 +347,35 @@ def _spot_scene(device):
     return verts, faces, cams
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_twin_agrees_with_nvdiffrast_forward_and_gradients():
-    device = torch.device("cuda")
+def compare_twin_with(reference, device) -> None:
+    """Render the spot scene with the twin and `reference`; ids, barycentrics, depth, attributes
+    and vertex-position gradients must agree."""
     verts, faces, cams = _spot_scene(device)
-    attr = torch.randn(verts.shape[0], 3, device=device, generator=torch.Generator(device).manual_seed(0))
+    generator = torch.Generator(device=device).manual_seed(0)
+    attr = torch.randn(verts.shape[0], 3, device=device, generator=generator)
     results = {}
-    for name, rasterizer in (("twin", TorchRasterizer()), ("nvdiffrast", NvdiffrastRasterizer(device))):
+    for name, rasterizer in (("twin", TorchRasterizer()), ("reference", reference)):
         verts_var = verts.clone().requires_grad_(True)
         render = render_mesh(rasterizer, verts_var, faces, cams, vertex_attrs=attr)
         (render.attrs.sum() + render.depth.sum()).backward()
         results[name] = (render, verts_var.grad)
     twin, twin_grad = results["twin"]
-    nvdr, nvdr_grad = results["nvdiffrast"]
-    same_id = twin.rast[..., 3] == nvdr.rast[..., 3]
+    ref, ref_grad = results["reference"]
+    same_id = twin.rast[..., 3] == ref.rast[..., 3]
     assert same_id.float().mean() >= 0.995
     hit = same_id & (twin.rast[..., 3] > 0)
     assert hit.float().mean() > 0.1
-    assert torch.allclose(twin.rast[..., :2][hit], nvdr.rast[..., :2][hit], atol=1e-3)
-    assert torch.allclose(twin.depth[hit], nvdr.depth[hit], atol=1e-3)
-    assert torch.allclose(twin.attrs[hit], nvdr.attrs[hit], atol=1e-3)
+    assert torch.allclose(twin.rast[..., :2][hit], ref.rast[..., :2][hit], atol=1e-3)
+    assert torch.allclose(twin.depth[hit], ref.depth[hit], atol=1e-3)
+    assert torch.allclose(twin.attrs[hit], ref.attrs[hit], atol=1e-3)
     # Gradients w.r.t. vertex positions: the same up to the few pixels whose triangle differs.
-    relative = (twin_grad - nvdr_grad).norm() / nvdr_grad.norm()
-    cosine = torch.nn.functional.cosine_similarity(twin_grad.flatten(), nvdr_grad.flatten(), dim=0)
+    relative = (twin_grad - ref_grad).norm() / ref_grad.norm()
+    cosine = torch.nn.functional.cosine_similarity(twin_grad.flatten(), ref_grad.flatten(), dim=0)
     assert relative < 0.05 and cosine > 0.995
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_twin_agrees_with_nvdiffrast_forward_and_gradients():
+    device = torch.device("cuda")
+    compare_twin_with(NvdiffrastRasterizer(device), device)
