@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -134,6 +135,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "store", ignore_errors=True)  # a fresh job store: no old job resumes ahead of ours
     os.environ["BLENDER_USER_RESOURCES"] = str(out / "blender_user")  # before bpy starts
     import bpy
 
