@@ -126,10 +126,15 @@ class TextureConfig:
     """Weight of the BSD (VSD with the bootstrapped prior) loss."""
     ref_rgb_weight: float = 1000.0
     """Reference-view RGB loss weight (image jobs only)."""
-    lora_every: int = 1
-    """Alternation: one LoRA update of the prior every this many colour steps."""
     bootstrap_every: int = 100
-    """Steps between bootstrap rounds (the DreamBooth-style fine-tune on restored renders)."""
+    """Steps between bootstrap rounds (the DreamBooth-style fine-tune on restored renders); the
+    VSD LoRA is updated every step."""
+    bootstrap_iters: int = 20
+    """LoRA updates per bootstrap round."""
+    restore_steps: int = 10
+    """DDIM steps restoring the noised renders in a bootstrap round."""
+    lora_rank: int = 16
+    """Rank of both LoRAs."""
     init_fit_steps: int = 50
     """Steps fitting the colour field to an input texture before the stage (refine with a
     texture)."""
@@ -233,8 +238,9 @@ PRESETS: dict[str, PipelineConfig] = {
         ),
         geometry=GeometryConfig(steps=6, render_res=32, dmtet_res=16),
         texture=TextureConfig(
-            steps=6, render_res=32, bootstrap_every=3, init_fit_steps=4, lora_every=2,
-            color_levels=4, color_log2_table_size=12, color_hidden_dim=16,
+            steps=6, render_res=32, bootstrap_every=3, bootstrap_iters=2, restore_steps=2,
+            lora_rank=4, init_fit_steps=4, color_levels=4, color_log2_table_size=12,
+            color_hidden_dim=16,
         ),
         stream=StreamConfig(preview_res=32),
         texture_size=256,

@@ -373,7 +373,7 @@ class Job:
         bsd = BSD(self.guidance.prior2d, self._embeddings(view_dependent=True),
                   self._bsd_config(), self.generator)
         optimiser = torch.optim.Adam(color.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-15)
-        modules = {"color": color, "bsd": bsd}
+        modules = {"color": color, "bsd": ckpt.BSDState(bsd)}
         start = self._restore(resume, modules, {"texture": optimiser})
         # 2. A fresh start fits the colour field to what is known: the input texture or NeuS.
         if resume is None:
@@ -398,7 +398,10 @@ class Job:
                 rgb, _ = render_colors(self.rasterizer, surface, color, cams, background)
                 # 3. BSD: the LoRAs learn the renders' score, the colours follow the prior.
                 losses = {}
-                bsd_loss, info = bsd.step(rgb, cams.c2w_bx4x4, step, cfg.steps)
+                try:
+                    bsd_loss, info = bsd.step(rgb, cams.c2w_bx4x4, step, cfg.steps)
+                except FloatingPointError as exc:
+                    raise self._diverged(str(exc)) from exc
                 losses["bsd"] = (cfg.bsd_weight, bsd_loss)
                 # 4. The reference view keeps the image's colours.
                 if self.reference is not None:
@@ -627,7 +630,9 @@ class Job:
         from backend.guidance.bsd import BSDConfig
 
         cfg = self.config.texture
-        return BSDConfig(guidance_scale=cfg.guidance_scale, finetune_every=cfg.bootstrap_every)
+        return BSDConfig(lora_rank=cfg.lora_rank, guidance_scale=cfg.guidance_scale,
+                         t_range=cfg.t_range, restore_steps=cfg.restore_steps,
+                         finetune_every=cfg.bootstrap_every, finetune_iters=cfg.bootstrap_iters)
 
     def _initial_colors(self, neus, surface: Surface):
         """What the colour field starts from: the input texture (refine), NeuS's colours

@@ -112,3 +112,37 @@ def from_bytes(data: bytes) -> Checkpoint:
         rng=blob["rng"],
         job_key=blob.get("job_key", ""),
     )
+
+
+class BSDState:
+    """`state_dict` / `load_state_dict` for a `backend.guidance.bsd.BSD`: both LoRAs' weights,
+    their camera MLPs and their optimisers, keyed by role ("dreambooth", "vsd") because adapter
+    names differ from one BSD instance to the next."""
+
+    def __init__(self, bsd: Any) -> None:
+        self.bsd = bsd
+
+    def _adapters(self) -> dict[str, str]:
+        return {"dreambooth": self.bsd.dreambooth, "vsd": self.bsd.vsd}
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for role, adapter in self._adapters().items():
+            state[role] = {
+                "lora": [param.detach().clone() for param in self.bsd.lora_parameters(adapter)],
+                "camera": self.bsd.cameras[adapter].state_dict(),
+                "optimizer": self.bsd.optimizers[adapter].state_dict(),
+            }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for role, adapter in self._adapters().items():
+            params = self.bsd.lora_parameters(adapter)
+            saved = state[role]["lora"]
+            if len(saved) != len(params):
+                raise ValueError(f"checkpoint: BSD {role} LoRA has {len(saved)} tensors, expected {len(params)}")
+            with torch.no_grad():
+                for param, value in zip(params, saved):
+                    param.copy_(value.to(param.device, param.dtype))
+            self.bsd.cameras[adapter].load_state_dict(state[role]["camera"])
+            self.bsd.optimizers[adapter].load_state_dict(state[role]["optimizer"])
