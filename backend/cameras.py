@@ -409,6 +409,7 @@ def orbit_cameras(
     fov_deg: float,
     height: int,
     width: int,
+    *,
     device: torch.device | str = "cpu",
     start_azimuth_deg: float = 0.0,
 ) -> Cameras:

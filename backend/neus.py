@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backend.cameras import SCENE_BOUND, Cameras
+from backend.cameras import SCENE_BOUND, Cameras, orbit_cameras
 from backend.hashgrid import HashGrid, HashGridConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -520,3 +520,83 @@ def fit_to_images(
         if on_step is not None:
             on_step(step, {"rgb": loss_rgb.item(), "mask": loss_mask.item(), "eikonal": out["eikonal"].item()})
     return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Benchmark: python -m backend.neus --bench --device cuda|cpu
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark(device: str, rays: int, num_samples: int, repeats: int, config: NeuSConfig) -> dict[str, float]:
+    """Median milliseconds of a training step (render ``rays`` random rays, backward) with and
+    without the occupancy grid, and the fraction of samples the grid lets through."""
+    import time
+
+    torch_device = torch.device(device)
+    field = NeuSField(config, device=torch_device)
+    cameras = Cameras.cat([orbit_cameras(8, 15.0, 3.8, 20.0, 64, 64), orbit_cameras(8, -5.0, 3.8, 20.0, 64, 64, start_azimuth_deg=22.5)])
+    origins, dirs = cameras.to(torch_device).rays()
+    generator = torch.Generator(device=torch_device).manual_seed(0)
+    occupancy = OccupancyGrid(resolution=64, device=torch_device)
+    occupancy.update(field)
+    background_3 = torch.ones(3, device=torch_device)
+    results: dict[str, float] = {"occupied_fraction": occupancy.occupied_fraction()}
+    for name, grid in (("step_ms_no_occupancy", None), ("step_ms_occupancy", occupancy)):
+        times_ms = []
+        for step in range(repeats + 2):
+            index_r = torch.randint(origins.numel() // 3, (rays,), generator=generator, device=torch_device)
+            _sync(torch_device)
+            start = time.perf_counter()
+            out = render_rays(
+                field, origins.reshape(-1, 3)[index_r], dirs.reshape(-1, 3)[index_r], background_3,
+                num_samples, occupancy=grid, stratified=True, generator=generator,
+            )
+            (out["rgb"].mean() + out["eikonal"]).backward()
+            _sync(torch_device)
+            if step >= 2:
+                times_ms.append((time.perf_counter() - start) * 1e3)
+        results[name] = sorted(times_ms)[len(times_ms) // 2]
+        results[name.replace("step_ms", "evaluated")] = float(out["evaluated"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m backend.neus", description="NeuS training-step benchmark")
+    parser.add_argument("--bench", action="store_true", help="time a render+backward step")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--rays", type=int, default=4096, help="rays per step")
+    parser.add_argument("--samples", type=int, default=64, help="samples per ray")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    parser.add_argument("--levels", type=int, default=16, help="hash-grid levels")
+    parser.add_argument("--log2-table-size", type=int, default=19)
+    args = parser.parse_args(argv)
+    if not args.bench:
+        parser.print_help()
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    for flag, value in (("--rays", args.rays), ("--samples", args.samples), ("--repeats", args.repeats)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    config = NeuSConfig(grid=HashGridConfig(num_levels=args.levels, log2_table_size=args.log2_table_size))
+    results = benchmark(args.device, args.rays, args.samples, args.repeats, config)
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(
+        f"NeuS step: {args.rays} rays x {args.samples} samples, grid {args.levels} levels x 2^{args.log2_table_size}, "
+        f"{name}, threads={torch.get_num_threads()}"
+    )
+    print(f"  occupancy grid 64^3 (initial sphere): {results['occupied_fraction']:.3f} of cells occupied")
+    print(f"  without occupancy: {results['step_ms_no_occupancy']:.1f} ms/step, {results['evaluated_no_occupancy']:.0f} samples evaluated")
+    print(f"  with occupancy:    {results['step_ms_occupancy']:.1f} ms/step, {results['evaluated_occupancy']:.0f} samples evaluated")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

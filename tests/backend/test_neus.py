@@ -197,3 +197,12 @@ def test_short_fit_shrinks_the_sphere_towards_the_target():
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
     end_radius = zero_level_radius(field)
     assert abs(end_radius - 0.3) < 0.5 * abs(start_radius - 0.3), end_radius
+
+
+def test_benchmark_command_runs_on_cpu(capsys):
+    from backend.neus import main
+
+    args = ["--bench", "--device", "cpu", "--rays", "16", "--samples", "8", "--repeats", "1", "--levels", "2", "--log2-table-size", "10"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "with occupancy:" in printed and "ms/step" in printed
