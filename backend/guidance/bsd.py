@@ -274,7 +274,7 @@ class BSD:
         parts["vsd_lora"] = self.vsd_step(rgb_bxhxwx3, c2w_bx4x4)
         # 3. The texture gradient from the difference of the two scores.
         loss, info = self.texture_loss(rgb_bxhxwx3, c2w_bx4x4, self.config.t_range)
-        parts["bsd"] = float(loss)
+        parts["bsd"] = float(loss.detach())
         parts["grad_norm"] = info.grad_norm
         if not math.isfinite(parts["bsd"]):
             raise FloatingPointError(f"BSD loss is {parts['bsd']} at step {step}")

@@ -105,7 +105,7 @@ class HybridGuidance:
             self.models.prior2d, rgb_bxhxwx3, self.embeddings, elevation_deg_b, azimuth_deg_b,
             t_range, config.guidance_scale_2d, generator, perp_neg=config.perp_neg,
         )
-        parts = {"sds": float(loss_2d), "t_lo": t_range[0], "t_hi": t_range[1]}
+        parts = {"sds": float(loss_2d.detach()), "t_lo": t_range[0], "t_hi": t_range[1]}
         if not self.uses_zero123:
             return loss_2d, parts
         # 2. Zero123 3D-SDS relative to the reference view.
@@ -114,5 +114,5 @@ class HybridGuidance:
         loss_3d, _ = zero123_sds_loss(
             z123, rgb_bxhxwx3, self.reference, pose_bx4.to(rgb_bxhxwx3.device), t_range, config.guidance_scale_3d, generator
         )
-        parts["sds_3d"] = float(loss_3d)
+        parts["sds_3d"] = float(loss_3d.detach())
         return loss_2d + config.mu * loss_3d, parts

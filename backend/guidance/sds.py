@@ -34,6 +34,8 @@ from backend.guidance.errors import GuidanceInputError
 from backend.guidance.models import Prior2D
 
 VIEWS = ("front", "side", "back", "overhead")
+MAX_TOKENS = 77
+"""Text tokens fed to the prior (CLIP's 77; DeepFloyd IF is also run at 77 T5 tokens)."""
 MAX_PROMPT_CHARS = 1000
 """Longest prompt or negative prompt accepted (PROTOCOL.md section 6)."""
 FRONT_HALF_WIDTH_DEG = 45.0
@@ -104,7 +106,7 @@ def _embed_texts(prior: Prior2D, texts: list[str]) -> torch.Tensor:
     tokens = prior.tokenizer(
         texts,
         padding="max_length",
-        max_length=prior.tokenizer.model_max_length,
+        max_length=min(prior.tokenizer.model_max_length, MAX_TOKENS),
         truncation=True,
         return_tensors="pt",
     )

@@ -2,6 +2,7 @@
 
     build_tiny_models(folder, seed=0) -> folder     write prior2d/, zero123/, depth/, matting/
     tiny_models_dir(cache_root=None) -> folder      the same, built once into the user cache
+    build_tiny_if(folder, seed=0) -> folder         a DeepFloyd-IF-like pixel prior (T5, 3→6 UNet)
 
 The folders have exactly the layout real checkpoints have (diffusers pipeline folders, transformers
 model folders), so `load_models("tiny")` goes through the same loader as real weights:
@@ -271,3 +272,46 @@ def _build_matting(folder: Path, seed: int) -> None:
     )
     SegformerForSemanticSegmentation(config).save_pretrained(folder)
     SegformerImageProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}).save_pretrained(folder)
+
+
+def build_tiny_if(folder: Path, seed: int = 0) -> Path:
+    """A DeepFloyd IF-I-like pixel-space prior in IFPipeline folder layout (no VAE; a T5 encoder;
+    a UNet from 3 channels to 6, ε and the learned variance; a squared-cosine DDPM schedule)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    vocab, merges = _byte_level_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TINY_MAX_TOKENS)
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(vocab), d_model=TINY_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    )
+    unet = UNet2DConditionModel(
+        sample_size=TINY_IMAGE_SIZE,
+        in_channels=3,
+        out_channels=6,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_WIDTH,
+        attention_head_dim=(2, 4),
+        norm_num_groups=8,
+    )
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", clip_sample=True)
+    unet.save_pretrained(folder / "unet")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    scheduler.save_pretrained(folder / "scheduler")
+    _write_model_index(
+        folder,
+        "IFPipeline",
+        {
+            "unet": ("diffusers", "UNet2DConditionModel"),
+            "text_encoder": ("transformers", "T5EncoderModel"),
+            "tokenizer": ("transformers", "T5Tokenizer"),
+            "scheduler": ("diffusers", "DDPMScheduler"),
+        },
+    )
+    return folder

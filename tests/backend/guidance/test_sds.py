@@ -118,3 +118,31 @@ def test_bad_t_range_is_refused(tiny_models):
     with pytest.raises(ValueError, match="t_range"):
         sds_loss(prior, _renders(1), encode_prompt(prior, "a cow"), torch.zeros(1), torch.zeros(1), (0.9, 0.2), 7.5,
                  torch.Generator())
+
+
+def test_pixel_prior_if_layout(tmp_path):
+    """A DeepFloyd-IF-like folder loads as a pixel prior; SDS runs on the [−1, 1] image, ε channels only."""
+    from backend.guidance.models import ModelSources, load_models
+    from backend.guidance.tiny import build_tiny_if
+
+    folder = build_tiny_if(tmp_path / "if", seed=0)
+    models = load_models("default", sources=ModelSources(prior2d=str(folder), zero123=None, depth=None),
+                         roles=("prior2d",))
+    prior = models.prior2d
+    assert prior.kind == "pixel" and prior.vae is None and prior.resolution == 32
+    assert type(prior.text_encoder).__name__ == "T5EncoderModel"
+    embeddings = encode_prompt(prior, "a cow")
+    rgb = _renders(1).requires_grad_(True)
+    x0 = encode_images(prior, rgb)
+    assert torch.allclose(x0, rgb.permute(0, 3, 1, 2) * 2 - 1)
+    leaf = x0.detach().requires_grad_(True)
+    loss, info = sds_loss_on(prior, leaf, embeddings, torch.zeros(1), torch.zeros(1), (0.2, 0.9), 10.0,
+                             torch.Generator().manual_seed(0))
+    loss.backward()
+    with torch.no_grad():
+        x_t = prior.scheduler.add_noise(leaf.detach(), info.noise, info.t_b)
+        eps_c = prior.unet(x_t, info.t_b, encoder_hidden_states=embeddings.cond_vxlxd[:1]).sample[:, :3]
+        eps_u = prior.unet(x_t, info.t_b, encoder_hidden_states=embeddings.uncond_1xlxd).sample[:, :3]
+        w = 1 - prior.scheduler.alphas_cumprod[info.t_b]
+        expected = w * (eps_u + 10.0 * (eps_c - eps_u) - info.noise)
+    assert torch.allclose(leaf.grad, expected, atol=1e-5, rtol=1e-4)
