@@ -37,6 +37,10 @@ OPTIONAL_ROLES = ("zero123", "depth", "matting")
 HUB_CHECK_TIMEOUT_S = 3.0
 """How long to wait for a TCP connection to the hub before declaring it unreachable."""
 
+SKIPPED_FILES = ["*.fp16.*", "*non_ema*", "*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data", "*.h5"]
+"""Hub files never fetched: half-precision variants and other frameworks' weights (the loader
+reads the default weights and casts them)."""
+
 _SUBFOLDERS = {
     "prior2d": ["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
     "zero123": ["unet", "vae", "image_encoder", "feature_extractor", "cc_projection", "scheduler"],
@@ -303,9 +307,24 @@ def resolve_source(role: str, source: str, subfolders: list[str]) -> Path:
 
 
 def _hub_patterns(subfolders: list[str]) -> list[str] | None:
+    """Configs, tokenizer files and safetensors weights of the needed subfolders (None: all files)."""
     if not subfolders:
         return None
-    return ["*.json", "*.txt", "*.model"] + [f"{name}/*" for name in subfolders]
+    patterns = ["*.json", "*.txt", "*.model"]
+    for name in subfolders:
+        patterns += [f"{name}/*.json", f"{name}/*.txt", f"{name}/*.model"]
+        patterns += [f"{name}/*.safetensors"]
+    return patterns
+
+
+def _subfolders_without_weights(folder: Path, subfolders: list[str]) -> list[str]:
+    """Subfolders that hold a model config but no *.safetensors weights (older .bin-only repos)."""
+    missing = []
+    for name in subfolders:
+        has_config = (folder / name / "config.json").exists()
+        if has_config and not any((folder / name).glob("*.safetensors")):
+            missing.append(name)
+    return missing
 
 
 def _resolve_hub_id(role: str, repo_id: str, subfolders: list[str]) -> Path:
@@ -336,9 +355,14 @@ def _resolve_hub_id(role: str, repo_id: str, subfolders: list[str]) -> Path:
             role, repo_id, f"{role} model {repo_id!r} is not in the Hugging Face cache {cache_dir} and "
             f"{endpoint} cannot be reached; {how}."
         )
-    # 4. Download.
+    # 4. Download: safetensors first, then .bin weights only for subfolders that have no safetensors.
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=SKIPPED_FILES, etag_timeout=10))
+        fallback = _subfolders_without_weights(folder, subfolders)
+        if fallback:
+            bin_patterns = [f"{name}/*.bin" for name in fallback]
+            snapshot_download(repo_id, allow_patterns=bin_patterns, ignore_patterns=SKIPPED_FILES, etag_timeout=10)
+        return folder
     except GatedRepoError:
         raise ModelLoadError(
             role, repo_id, f"{role} model {repo_id!r} is gated: accept its licence on huggingface.co, log in "

@@ -147,3 +147,25 @@ def test_zero123_variant_from_name(tiny_folder, tmp_path):
     assert models.zero123.variant == "stable_zero123" and models.prior2d is None
     index = json.loads((stable / "model_index.json").read_text())
     assert index["cc_projection"] == ["pipeline_zero1to3", "CCProjection"]
+
+
+def test_hub_download_patterns_pick_safetensors_then_bin(tmp_path):
+    from fnmatch import fnmatch
+
+    from backend.guidance.models import SKIPPED_FILES, _hub_patterns, _subfolders_without_weights
+
+    patterns = _hub_patterns(["unet", "vae"])
+
+    def fetched(path: str) -> bool:
+        return any(fnmatch(path, p) for p in patterns) and not any(fnmatch(path, p) for p in SKIPPED_FILES)
+
+    assert fetched("model_index.json") and fetched("unet/config.json")
+    assert fetched("unet/diffusion_pytorch_model.safetensors")
+    assert not fetched("unet/diffusion_pytorch_model.fp16.safetensors")
+    assert not fetched("unet/diffusion_pytorch_model.bin") and not fetched("safety_checker/model.safetensors")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert _subfolders_without_weights(tmp_path, ["unet", "vae"]) == ["unet"]
