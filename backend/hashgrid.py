@@ -108,33 +108,48 @@ def vertex_rows(corner_nx8x3: Tensor, resolution: int, dense: bool, table_size: 
     return hashed & (table_size - 1)
 
 
-def encode_level_torch(x01_nx3: Tensor, table_txf: Tensor, resolution: int, dense: bool) -> Tensor:
-    """Trilinearly interpolated features ``[N, F]`` of points in [0, 1]^3 at one level."""
+def level_corners(x01_nx3: Tensor, resolution: int, dense: bool, table_size: int) -> tuple[Tensor, Tensor]:
+    """Table rows ``[N, 8]`` (int64) and trilinear weights ``[N, 8]`` of the 8 vertices around
+    points in [0, 1]^3 at one level (the weights carry the gradient with respect to the points)."""
     corners_8x3 = torch.tensor(CORNERS_8X3, dtype=torch.int64, device=x01_nx3.device)
     pos_nx3 = x01_nx3 * resolution
     cell_nx3 = pos_nx3.detach().floor().clamp(0, resolution - 1).to(torch.int64)
     frac_nx3 = pos_nx3 - cell_nx3.to(pos_nx3.dtype)
-    corner_nx8x3 = cell_nx3[:, None, :] + corners_8x3[None]
-    rows_nx8 = vertex_rows(corner_nx8x3, resolution, dense, table_txf.shape[0])
+    rows_nx8 = vertex_rows(cell_nx3[:, None, :] + corners_8x3[None], resolution, dense, table_size)
     weight_nx8x3 = torch.where(corners_8x3[None].bool(), frac_nx3[:, None, :], 1.0 - frac_nx3[:, None, :])
-    weight_nx8 = weight_nx8x3.prod(dim=-1)
-    features_nx8xf = table_txf.index_select(0, rows_nx8.reshape(-1)).reshape(*rows_nx8.shape, -1)
-    return (features_nx8xf * weight_nx8[..., None]).sum(dim=1)
+    return rows_nx8, weight_nx8x3.prod(dim=-1)
 
 
 def encode_torch(
     x01_nx3: Tensor, table_lxtxf: Tensor, resolutions: list[int], dense: list[bool], active_levels: int
 ) -> Tensor:
-    """All levels ``[N, L*F]``; levels from ``active_levels`` on are zeros."""
+    """All levels ``[N, L*F]``; levels from ``active_levels`` on are zeros.
+
+    The rows of all active levels are gathered from the flattened table in one ``index_select``,
+    so the backward pass zero-fills the (large) table gradient once, not once per level.
+    """
     num_points = x01_nx3.shape[0]
-    num_levels, _, num_features = table_lxtxf.shape
-    outputs = []
-    for level in range(num_levels):
-        if level < active_levels:
-            outputs.append(encode_level_torch(x01_nx3, table_lxtxf[level], resolutions[level], dense[level]))
-        else:
-            outputs.append(x01_nx3.new_zeros(num_points, num_features))
-    return torch.cat(outputs, dim=-1)
+    num_levels, table_size, num_features = table_lxtxf.shape
+    if active_levels == 0:
+        return x01_nx3.new_zeros(num_points, num_levels * num_features)
+    # 1. rows (offset into the flattened table) and weights of each active level
+    rows, weights = [], []
+    for level in range(active_levels):
+        rows_nx8, weight_nx8 = level_corners(x01_nx3, resolutions[level], dense[level], table_size)
+        rows.append(rows_nx8 + level * table_size)
+        weights.append(weight_nx8)
+    rows_nxax8 = torch.stack(rows, dim=1)
+    weight_nxax8 = torch.stack(weights, dim=1)
+    # 2. one gather, then the weighted sum over the 8 corners
+    flat_table = table_lxtxf.reshape(num_levels * table_size, num_features)
+    features_nxax8xf = flat_table.index_select(0, rows_nxax8.reshape(-1)).reshape(*rows_nxax8.shape, num_features)
+    encoded_nxaxf = (features_nxax8xf * weight_nxax8[..., None]).sum(dim=2)
+    # 3. masked levels are zeros
+    encoded_nxf = encoded_nxaxf.reshape(num_points, active_levels * num_features)
+    if active_levels < num_levels:
+        padding = encoded_nxf.new_zeros(num_points, (num_levels - active_levels) * num_features)
+        encoded_nxf = torch.cat([encoded_nxf, padding], dim=-1)
+    return encoded_nxf
 
 
 def triton_available() -> bool:
