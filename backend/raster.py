@@ -217,7 +217,8 @@ class TorchRasterizer:
     clipped against the near and far planes per pixel. Nearest z/w wins; exact depth ties go to
     the lower triangle id. Visibility is decided without gradient; the chosen triangle's
     barycentrics are then recomputed differentiably from its clip-space vertices.
-    `antialias` is the identity (see `antialias`).
+    `antialias` blends across silhouette edges analytically (`silhouette_antialias`), which gives
+    silhouette gradients like nvdiffrast's.
     """
 
     def __init__(self, pairs_per_chunk: int = 1 << 21) -> None:
@@ -325,13 +326,106 @@ class TorchRasterizer:
     def antialias(
         self, color_bxhxwxc: Tensor, rast_bxhxwx4: Tensor, clip_bxvx4: Tensor, faces_fx3: Tensor
     ) -> Tensor:
-        """Identity: the twin has no silhouette antialiasing.
-
-        Silhouette (visibility) gradients therefore do not exist in the twin; geometry gets
-        gradients only through interpolated attributes (depth, positions, normals, colours).
-        """
+        """Analytic silhouette antialiasing in nvdiffrast's manner (see `silhouette_antialias`):
+        colours are blended across silhouette edges and gradients reach the vertex positions."""
         _check_rast(rast_bxhxwx4)
-        return color_bxhxwxc
+        _check_inputs(clip_bxvx4, faces_fx3, rast_bxhxwx4.shape[1], rast_bxhxwx4.shape[2])
+        return silhouette_antialias(color_bxhxwxc, rast_bxhxwx4, clip_bxvx4, faces_fx3)
+
+
+def edge_neighbours(faces_fx3: Tensor) -> Tensor:
+    """[F, 3] the face across edge i (the edge opposite corner i) of each face, −1 when the edge
+    has no partner or more than one (open boundary or non-manifold: treated as silhouettes)."""
+    faces = faces_fx3.long()
+    num_faces = faces.shape[0]
+    first, second = faces[:, [1, 2, 0]], faces[:, [2, 0, 1]]
+    num_verts = int(faces.max()) + 1 if num_faces else 1
+    keys = (torch.minimum(first, second) * num_verts + torch.maximum(first, second)).reshape(-1)
+    _, group, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    order = torch.argsort(group, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(keys.shape[0], device=keys.device)
+    offset_in_group = position - starts[group[order]]
+    partner = torch.where(offset_in_group == 0, position + 1, position - 1).clamp(0, keys.shape[0] - 1)
+    paired = counts[group[order]] == 2
+    neighbours = torch.full_like(keys, -1)
+    neighbours[order[paired]] = order[partner[paired]] // 3
+    return neighbours.reshape(num_faces, 3)
+
+
+def _adjacent_pixel_pairs(batch: int, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat indices (p, q) of every horizontally and vertically adjacent pixel pair, and whether
+    the pair is horizontal."""
+    pixel = torch.arange(batch * height * width, device=device).reshape(batch, height, width)
+    horizontal_p, horizontal_q = pixel[:, :, :-1].reshape(-1), pixel[:, :, 1:].reshape(-1)
+    vertical_p, vertical_q = pixel[:, :-1, :].reshape(-1), pixel[:, 1:, :].reshape(-1)
+    is_horizontal = torch.cat([torch.ones_like(horizontal_p, dtype=torch.bool), torch.zeros_like(vertical_p, dtype=torch.bool)])
+    return torch.cat([horizontal_p, vertical_p]), torch.cat([horizontal_q, vertical_q]), is_horizontal
+
+
+def silhouette_antialias(color_bxhxwxc: Tensor, rast_bxhxwx4: Tensor, clip_bxvx4: Tensor, faces_fx3: Tensor) -> Tensor:
+    """Blend colours across silhouette edges, differentiably w.r.t. colours and vertex positions.
+
+    For each pair of adjacent pixels showing different triangles (or one empty), the pixel whose
+    triangle is nearer is the front one. If the segment between the two pixel centres leaves the
+    front triangle through a silhouette edge (no neighbouring face across it, or the neighbour
+    faces the other way on screen) that is closer to perpendicular to the segment than to
+    parallel, the crossing sits at fraction t from the front centre. Past
+    the midpoint (t > 0.5) the back pixel takes (t − 0.5) of the front colour; before it, the
+    front pixel takes (0.5 − t) of the back colour. t comes from the triangle's edge function,
+    so it moves with the vertices: this is where silhouette gradients come from.
+    """
+    batch, height, width, channels = color_bxhxwxc.shape
+    device = color_bxhxwxc.device
+    faces = faces_fx3.long()
+    tri_id = rast_bxhxwx4[..., 3].detach().long().reshape(-1) - 1
+    z_over_w = rast_bxhxwx4[..., 2].detach().reshape(-1)
+    color = color_bxhxwxc.reshape(-1, channels)
+    # 1. Pixel pairs across a change of triangle; the front one is nearer (or the only one).
+    p, q, is_horizontal = _adjacent_pixel_pairs(batch, height, width, device)
+    differ = tri_id[p] != tri_id[q]
+    p, q, is_horizontal = p[differ], q[differ], is_horizontal[differ]
+    p_front = (tri_id[q] < 0) | ((tri_id[p] >= 0) & (z_over_w[p] <= z_over_w[q]))
+    front, back = torch.where(p_front, p, q), torch.where(p_front, q, p)
+    face = tri_id[front]
+    view = front // (height * width)
+    # 2. The front triangle's edge functions at both pixel centres (differentiable).
+    tri_xyw = clip_bxvx4[view.unsqueeze(-1), faces[face]][..., [0, 1, 3]]
+    coeff, det = _edge_coefficients(tri_xyw)
+    sign = torch.sign(det).detach().unsqueeze(-1)
+
+    def edge_values(pixel: Tensor) -> Tensor:
+        rem = pixel % (height * width)
+        x, y = _pixel_ndc(rem % width, rem // width, height, width, clip_bxvx4.dtype)
+        return sign * (coeff[..., 0] * x.unsqueeze(-1) + coeff[..., 1] * y.unsqueeze(-1) + coeff[..., 2])
+
+    e_front, e_back = edge_values(front), edge_values(back)
+    # 3. The edge the segment leaves through: the first crossing among the edges it exits.
+    with torch.no_grad():
+        exits = (e_front >= 0) & (e_back < 0)
+        t_all = torch.where(exits, e_front / torch.where(exits, e_front - e_back, 1.0), torch.inf)
+        edge = t_all.argmin(-1)
+        neighbour = edge_neighbours(faces)[face, edge]
+        all_xyw = clip_bxvx4.detach()[:, faces][..., [0, 1, 3]]  # [B, F, 3, 3]
+        face_sign = torch.sign(torch.linalg.det(all_xyw))
+        neighbour_sign = face_sign[view, neighbour.clamp(min=0)]
+        silhouette = exits.any(-1) & ((neighbour < 0) | (neighbour_sign != sign.squeeze(-1)))
+        # An edge is handled by the pairs across it along the axis nearer its normal: steep
+        # edges by horizontal pairs, flat ones by vertical pairs (no double counting).
+        normal = coeff.detach().gather(1, edge[:, None, None].expand(-1, 1, 3)).squeeze(1)
+        steep = normal[:, 0].abs() * height > normal[:, 1].abs() * width
+        silhouette &= steep == is_horizontal
+    keep = torch.nonzero(silhouette).squeeze(-1)
+    front, back, edge = front[keep], back[keep], edge[keep]
+    ef = e_front[keep].gather(1, edge[:, None]).squeeze(-1)
+    eb = e_back[keep].gather(1, edge[:, None]).squeeze(-1)
+    t = (ef / (ef - eb)).unsqueeze(-1)
+    # 4. Blend: the back pixel gains front colour past the midpoint, the front pixel loses some
+    #    to the back colour before it.
+    towards_front = (color[front] - color[back]) * (t - 0.5).clamp(min=0)
+    towards_back = (color[back] - color[front]) * (0.5 - t).clamp(min=0)
+    out = color.index_add(0, back, towards_front).index_add(0, front, towards_back)
+    return out.reshape(batch, height, width, channels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +519,8 @@ class MeshRender:
     """Per-pixel buffers of a rendered mesh, all [B, H, W, C] with row 0 at the top."""
 
     mask: Tensor
-    """[B, H, W, 1] coverage in [0, 1]; antialiased with nvdiffrast, binary with the twin."""
+    """[B, H, W, 1] coverage in [0, 1], antialiased at silhouettes (differentiable w.r.t. the
+    vertex positions there); `rast[..., 3] > 0` is the binary coverage."""
     depth: Tensor
     """[B, H, W, 1] distance along each camera's view axis (not the ray length); 0 where empty."""
     normal: Tensor

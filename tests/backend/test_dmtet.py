@@ -208,30 +208,48 @@ def iou(mask_a: torch.Tensor, mask_b: torch.Tensor) -> float:
     return ((a & b).sum() / (a | b).sum()).item()
 
 
-def test_fit_grows_a_small_sphere_to_the_target_from_depth():
+def orbit_cameras(size: int) -> Cameras:
     elevations = torch.tensor([0.0, 0.0, 0.0, 0.0, 60.0, -60.0])
     azimuths = torch.tensor([0.0, 90.0, 180.0, 270.0, 45.0, 225.0])
-    cams = Cameras.from_orbit(elevations, azimuths, torch.full((6,), 2.5), torch.full((6,), 40.0), 32, 32)
-    rasterizer = TorchRasterizer()
-    target_verts, target_faces = extract_mesh_from_sdf(SphereSDF(0.5).sdf, 32, "cpu")
-    target = render_mesh(rasterizer, target_verts, target_faces, cams)
+    return Cameras.from_orbit(elevations, azimuths, torch.full((6,), 2.5), torch.full((6,), 40.0), size, size)
 
-    dmtet = DMTet.from_sdf(SphereSDF(0.3), 16, "cpu")
+
+@pytest.mark.parametrize("target_radius, start_radius", [(0.5, 0.3), (0.3, 0.5)], ids=["grow", "shrink"])
+def test_fit_to_rendered_masks_and_depth(target_radius, start_radius):
+    cams = orbit_cameras(32)
+    rasterizer = TorchRasterizer()
+    target_verts, target_faces = extract_mesh_from_sdf(SphereSDF(target_radius).sdf, 32, "cpu")
+    target = render_mesh(rasterizer, target_verts, target_faces, cams)
+    target_hit = target.rast[..., 3:4] > 0
+
+    dmtet = DMTet.from_sdf(SphereSDF(start_radius), 16, "cpu")
     optimizer = torch.optim.Adam(dmtet.parameters(), lr=1e-2)
     for step in range(30):
-        # 1. Extract, render, compare depth where both cover the pixel (the twin has no
-        #    silhouette gradients), 2. step.
+        # 1. Extract, 2. render, 3. antialiased-mask loss plus depth where both cover, 4. step.
         verts, faces = dmtet.extract()
         render = render_mesh(rasterizer, verts, faces, cams)
         if step == 0:
             first_iou = iou(render.mask, target.mask)
-        both = (render.mask > 0.5) & (target.mask > 0.5)
-        loss = ((render.depth - target.depth).abs() * both).sum() / both.sum()
+        both = (render.rast[..., 3:4] > 0) & target_hit
+        depth_loss = ((render.depth - target.depth).abs() * both).sum() / both.sum()
+        loss = 10 * (render.mask - target.mask).square().mean() + depth_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     verts, faces = dmtet.extract()
     final_iou = iou(render_mesh(rasterizer, verts, faces, cams).mask, target.mask)
     assert first_iou < 0.4 and final_iou > 0.85
-    radii = verts.detach().norm(dim=-1)
-    assert (radii.mean() - 0.5).abs() < 0.05
+    assert (verts.detach().norm(dim=-1).mean() - target_radius).abs() < 0.05
+
+
+def test_a_mask_loss_alone_reaches_sdf_and_deform_through_the_silhouette():
+    cams = orbit_cameras(24)
+    dmtet = DMTet.from_sdf(SphereSDF(0.4), 12, "cpu")
+    verts, faces = dmtet.extract()
+    render = render_mesh(TorchRasterizer(), verts, faces, cams)
+    render.mask.sum().backward()  # d(coverage): only the silhouette edges move it
+    assert (dmtet.sdf.grad != 0).sum() > 20 and (dmtet.deform.grad != 0).sum() > 20
+    # Growing the shape grows the covered area: the gradient says so.
+    inside_ids = torch.nonzero(dmtet.sdf.detach() < 0).squeeze(-1)
+    outside_near = torch.nonzero((dmtet.sdf.detach() > 0) & (dmtet.sdf.grad != 0)).squeeze(-1)
+    assert inside_ids.numel() > 0 and (dmtet.sdf.grad[outside_near] < 0).float().mean() > 0.9
