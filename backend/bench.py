@@ -1,0 +1,102 @@
+"""Benchmarks of the backend: `python -m backend.bench reconstruct --mesh PATH [...] --out DIR`.
+
+`reconstruct` rebuilds a known mesh from its renders with the 3D core (NeuS -> DMTet -> colour
+field -> xatlas + baked texture) and prints progress, then, as its last line, one JSON object
+with the metrics, the seconds per stage and the peak memory (see docs/benchmarks.md).
+Bad input (missing/empty/non-triangular mesh, bad flags) prints one line naming the file or flag
+and the problem, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USAGE_ERROR = 2
+
+
+class BenchError(Exception):
+    """Bad command-line input; the message names the flag or file and the problem."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        raise BenchError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from backend.bench_reconstruct import PRESETS
+
+    parser = _Parser(prog="python -m backend.bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    recon = commands.add_parser("reconstruct", help="rebuild a known mesh from its renders and score it")
+    recon.add_argument("--mesh", required=True, type=Path, help="ground-truth mesh (.obj, .glb, .gltf)")
+    recon.add_argument("--texture", type=Path, help="base-colour image for the mesh's UVs (overrides an MTL's)")
+    recon.add_argument("--views", type=int, help="training views (default: the preset's)")
+    recon.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    recon.add_argument("--quality", default="standard", choices=sorted(PRESETS), help="preset (default standard)")
+    recon.add_argument("--triangulate", action="store_true", help="fan-triangulate OBJ polygons instead of refusing them")
+    recon.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    recon.add_argument("--out", required=True, type=Path, help="output folder")
+    return parser
+
+
+def _device(text: str):
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise BenchError(f"--device {text}: not a device (expected cpu or cuda[:N])") from None
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device {text}: expected cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {text}: CUDA is not available on this machine")
+    return device
+
+
+def reconstruct_options(args: argparse.Namespace):
+    """Validate the `reconstruct` flags and load the inputs into `BenchOptions`."""
+    import dataclasses
+
+    from backend.bench_reconstruct import PRESETS, BenchOptions
+    from backend.meshio import MeshError, load_mesh, load_texture
+
+    preset = PRESETS[args.quality]
+    if args.views is not None:
+        if args.views < 2:
+            raise BenchError(f"--views {args.views}: need at least 2 training views")
+        preset = dataclasses.replace(preset, train_views=args.views)
+    device = _device(args.device)
+    if args.out.exists() and not args.out.is_dir():
+        raise BenchError(f"--out {args.out}: exists and is not a folder")
+    try:
+        mesh = load_mesh(args.mesh, triangulate=args.triangulate)
+        texture = load_texture(args.texture) if args.texture is not None else mesh.texture_rgb
+    except MeshError as error:
+        raise BenchError(str(error)) from None
+    if texture is not None and mesh.uvs_fx3x2 is None:
+        raise BenchError(f"--texture {args.texture}: {args.mesh.name} has no texture coordinates to map it with")
+    return BenchOptions(mesh=mesh, texture_rgb=texture, preset=preset, out_dir=args.out, device=device, seed=args.seed,
+                        log=lambda line: print(line, flush=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "reconstruct":
+            options = reconstruct_options(args)
+    except BenchError as error:
+        print(f"python -m backend.bench: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    from backend.bench_reconstruct import reconstruct
+
+    result = reconstruct(options)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
