@@ -188,6 +188,8 @@ def _weld_and_drop_degenerate(verts_vx3: Tensor, faces_fx3: Tensor) -> tuple[Ten
 
     The first vertex of each group of equal positions represents it (and carries its gradient).
     """
+    if verts_vx3.shape[0] == 0:
+        return verts_vx3, faces_fx3  # no surface crosses the grid
     with torch.no_grad():
         _, group_v = torch.unique(verts_vx3.detach(), dim=0, return_inverse=True)
         if group_v.max() + 1 == verts_vx3.shape[0]:

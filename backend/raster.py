@@ -314,6 +314,8 @@ class TorchRasterizer:
         _check_rast(rast_bxhxwx4)
         batch = rast_bxhxwx4.shape[0]
         attr_bxvxc = _attr_batched(attr, batch)
+        if faces_fx3.shape[0] == 0:
+            return attr_bxvxc.new_zeros(*rast_bxhxwx4.shape[:3], attr_bxvxc.shape[-1])
         tri_id = rast_bxhxwx4[..., 3].long() - 1
         valid = tri_id >= 0
         corner_ids = faces_fx3.long()[tri_id.clamp(min=0)]  # [B, H, W, 3]
@@ -376,6 +378,8 @@ def silhouette_antialias(color_bxhxwxc: Tensor, rast_bxhxwx4: Tensor, clip_bxvx4
     so it moves with the vertices: this is where silhouette gradients come from.
     """
     batch, height, width, channels = color_bxhxwxc.shape
+    if faces_fx3.shape[0] == 0:
+        return color_bxhxwxc
     device = color_bxhxwxc.device
     faces = faces_fx3.long()
     tri_id = rast_bxhxwx4[..., 3].detach().long().reshape(-1) - 1

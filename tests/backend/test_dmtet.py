@@ -124,6 +124,13 @@ def test_box_sdf_through_the_plain_helper():
     assert math.isclose(signed_volume(verts, faces).item(), 8 * 0.4 * 0.3 * 0.2, rel_tol=0.15)
 
 
+def test_a_field_without_a_surface_gives_an_empty_mesh():
+    grid = TetGrid(4)
+    for sdf in (torch.ones(grid.num_vertices), -torch.ones(grid.num_vertices)):
+        verts, faces = marching_tetrahedra(grid, sdf)
+        assert verts.shape == (0, 3) and faces.shape == (0, 3) and faces.dtype == torch.int32
+
+
 def test_only_surface_cubes_are_visited():
     grid = TetGrid(32)
     sdf = SphereSDF(0.3).sdf(grid.positions(torch.arange(grid.num_vertices)))

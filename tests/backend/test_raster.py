@@ -355,6 +355,14 @@ def test_sphere_mask_and_smooth_normals_match_the_analytic_sphere():
     assert normal_error.max() < 0.05
 
 
+def test_an_empty_mesh_renders_empty_buffers():
+    cams = orbit([0.0], [0.0], 8)
+    render = render_mesh(TorchRasterizer(), torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int32), cams,
+                         vertex_attrs=torch.zeros(0, 2))
+    for buffer in (render.mask, render.depth, render.normal, render.xyz, render.rast, render.attrs):
+        assert buffer.shape[:3] == (1, 8, 8) and torch.all(buffer == 0)
+
+
 def test_vertex_and_face_normals_point_outwards():
     mesh = trimesh.creation.icosphere(subdivisions=2, radius=1.0)
     verts = torch.tensor(mesh.vertices, dtype=torch.float32)
