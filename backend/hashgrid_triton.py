@@ -58,9 +58,9 @@ def _forward_kernel(
     acc = tl.zeros((BLOCK_SIZE, FEATURES), dtype=tl.float32)
     # 2. blend the 8 corners
     for corner in tl.static_range(8):
-        dx: tl.constexpr = corner & 1
-        dy: tl.constexpr = (corner >> 1) & 1
-        dz: tl.constexpr = (corner >> 2) & 1
+        dx = corner & 1
+        dy = (corner >> 1) & 1
+        dz = (corner >> 2) & 1
         weight = (fx * dx + (1.0 - fx) * (1 - dx)) * (fy * dy + (1.0 - fy) * (1 - dy)) * (fz * dz + (1.0 - fz) * (1 - dz))
         rows = _corner_rows(ix + dx, iy + dy, iz + dz, resolution, dense, table_size)
         pointers = table_ptr + level_base + rows[:, None] * FEATURES + features[None, :]
@@ -94,9 +94,9 @@ def _backward_kernel(
     grad_fy = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     grad_fz = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     for corner in tl.static_range(8):
-        dx: tl.constexpr = corner & 1
-        dy: tl.constexpr = (corner >> 1) & 1
-        dz: tl.constexpr = (corner >> 2) & 1
+        dx = corner & 1
+        dy = (corner >> 1) & 1
+        dz = (corner >> 2) & 1
         wx = fx * dx + (1.0 - fx) * (1 - dx)
         wy = fy * dy + (1.0 - fy) * (1 - dy)
         wz = fz * dz + (1.0 - fz) * (1 - dz)

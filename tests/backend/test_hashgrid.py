@@ -175,3 +175,33 @@ def test_triton_kernel_matches_torch_on_cuda():
     # and the module dispatches to it for CUDA inputs
     grid = HashGrid(TINY, device="cuda")
     assert grid.use_triton(torch.zeros(1, 3, device="cuda"))
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_triton_kernels_compile_for_cuda_without_a_gpu():
+    """Triton's compiler (bundled ptxas) builds both kernels for sm_90: catches what the
+    interpreter cannot, such as misuse of constexpr in unrolled loops."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from backend import hashgrid_triton
+
+    pointers = {"x01_ptr": "*fp32", "table_ptr": "*fp32", "resolution_ptr": "*i32", "dense_ptr": "*i32"}
+    sizes = {"num_points": "i32", "table_size": "i32"}
+    shape = {"NUM_LEVELS": 16, "FEATURES": 2, "BLOCK_SIZE": hashgrid_triton.BLOCK}
+    forward = ASTSource(
+        fn=hashgrid_triton._forward_kernel,
+        signature={**pointers, "out_ptr": "*fp32", **sizes, **{name: "constexpr" for name in shape}},
+        constexprs=shape,
+    )
+    backward_signature = {
+        **pointers, "grad_out_ptr": "*fp32", "grad_table_ptr": "*fp32", "grad_x01_ptr": "*fp32", **sizes,
+        **{name: "constexpr" for name in (*shape, "INPUT_GRAD")},
+    }
+    backward = ASTSource(
+        fn=hashgrid_triton._backward_kernel, signature=backward_signature, constexprs={**shape, "INPUT_GRAD": True}
+    )
+    for source in (forward, backward):
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
