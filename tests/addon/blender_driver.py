@@ -95,11 +95,32 @@ def scenario_install(args) -> dict:
     return result
 
 
+def use_local_backend(store: Path) -> None:
+    """LOCAL mode: the add-on starts `python -m backend serve --models tiny --device cpu` itself."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    prefs = bpy.context.preferences.addons[MODULE].preferences
+    prefs.backend_mode = "LOCAL"
+    prefs.backend_address = f"tcp://127.0.0.1:{port}"
+    prefs.backend_python = sys.executable
+    prefs.backend_project_dir = str(Path(__file__).resolve().parents[2])
+    prefs.backend_store_dir = str(store)
+    prefs.backend_models = "tiny"
+    prefs.backend_device = "cpu"
+
+
 def scenario_generate(args) -> dict:
     install(args.zip)
-    use_backend(args.address, timeout_s=30.0)
+    if args.local_store:
+        use_local_backend(args.local_store)
+    else:
+        use_backend(args.address, timeout_s=30.0)
     settings = bpy.context.scene.dreamloom
     settings.prompt = "panel prompt, overridden"
+    settings.texture_size = "256"
     bpy.ops.dreamloom.generate(prompt=args.prompt, steps=args.steps, seed=3, quality="draft",
                                image_path=args.image or "")
     states: list[dict] = []
@@ -138,6 +159,12 @@ def scenario_generate(args) -> dict:
     }
     if args.save:
         bpy.ops.wm.save_as_mainfile(filepath=str(args.save))
+    if args.local_store:
+        runtime = sys.modules[f"{MODULE}.runtime"]
+        process = runtime.STATE.local.process
+        bpy.ops.dreamloom.stop_backend()
+        result["local_backend_exit"] = process.poll()
+        result["local_backend_log"] = runtime.local_backend_log(200)
     return result
 
 
@@ -307,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", type=Path)
     parser.add_argument("--stop-seq", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--local-store", type=Path, help="LOCAL mode with this job store (tiny models, CPU)")
     args = parser.parse_args(argv)
     result = SCENARIOS[args.scenario](args)
     print("RESULT " + json.dumps(result), flush=True)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -140,35 +138,11 @@ def test_textured_mesh_events_weld_uv_and_pack(addon_zip: Path, tmp_path: Path):
     assert result["uv_maps"] == ["UVMap"]
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tmp_path_factory) -> Iterator[ServerProcess]:
-    """The real backend running the real pipeline with the tiny random models on the CPU."""
-    folder = tmp_path_factory.mktemp("tiny_server")
-    log_path = folder / "server.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--bind", "tcp://127.0.0.1:*", "--store", str(folder / "store"),
-             "--models", "tiny", "--device", "cpu"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 120
-    address = None
-    while address is None and time.monotonic() < deadline and process.poll() is None:
-        found = re.findall(r"listening on (\S+)", log_path.read_text(errors="replace"))
-        address = found[-1] if found else None
-        time.sleep(0.1)
-    server = ServerProcess(process, address or "", log_path)
-    if address is None:
-        server.kill()
-        raise RuntimeError(f"the tiny backend did not start:\n{log_path.read_text()}")
-    yield server
-    server.kill()
-
-
-def test_generate_with_the_tiny_pipeline_ends_textured(addon_zip: Path, tmp_path: Path, tiny_server: ServerProcess):
-    result = blender("generate", addon_zip, tmp_path, "--address", tiny_server.address,
-                     "--image", str(REFERENCE_IMAGE), "--steps", "coarse=2,geometry=2,texture=1",
+def test_generate_with_a_local_tiny_backend_ends_textured(addon_zip: Path, tmp_path: Path):
+    """LOCAL mode: the add-on starts the real backend (real pipeline, tiny random models, CPU)
+    itself, generates from the sample reference image, and stops the backend."""
+    result = blender("generate", addon_zip, tmp_path, "--local-store", str(tmp_path / "store"),
+                     "--image", str(REFERENCE_IMAGE), "--steps", "coarse=1,geometry=1,texture=1",
                      "--timeout", "240", timeout_s=300)
     assert result["job_state"] == "done", result["job_error"]
     assert len(result["objects"]) == 1
@@ -177,3 +151,5 @@ def test_generate_with_the_tiny_pipeline_ends_textured(addon_zip: Path, tmp_path
     assert result["location"] == [1.0, 2.0, 3.0] and result["modifiers"] == ["Bevel"]
     assert result["material"] and result["image_packed"] and result["uv_maps"] == ["UVMap"]
     assert result["verts"] > 0 and result["object_seq"] == result["last_seq"]
+    assert result["local_backend_exit"] is not None  # Stop Backend ended the process
+    assert any("listening on" in line for line in result["local_backend_log"])
