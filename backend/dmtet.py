@@ -346,6 +346,7 @@ def _bench_one(resolution: int, device: torch.device) -> dict:
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
+    cpu_start = time.process_time()  # CPU seconds of this process: robust to a shared machine
     start = synced()
     dmtet = DMTet.from_sdf(SphereSDF(0.45), resolution, device)
     built = synced()
@@ -353,6 +354,7 @@ def _bench_one(resolution: int, device: torch.device) -> dict:
     extracted = synced()
     verts.square().sum().backward()
     backward = synced()
+    cpu_s = time.process_time() - cpu_start
     return {
         "resolution": resolution,
         "device": str(device),
@@ -361,6 +363,7 @@ def _bench_one(resolution: int, device: torch.device) -> dict:
         "from_sdf_s": round(built - start, 3),
         "extract_s": round(extracted - built, 3),
         "backward_s": round(backward - extracted, 3),
+        "cpu_s_total": round(cpu_s, 3),
         "mesh_verts": verts.shape[0],
         "mesh_faces": faces.shape[0],
         "peak_mb": round(_peak_memory_mb(device), 1),
