@@ -565,6 +565,17 @@ class Job:
         return prepare_reference(self.ctx.inputs["image"], size=self.config.coarse.render_res,
                                  models=self.guidance, device=self.device)
 
+    def _zero123_reference(self):
+        """Zero123's encoding of the reference image (None for text-only jobs), made once."""
+        if self.reference is None or self.guidance.zero123 is None:
+            return None
+        if getattr(self, "_z123_reference", None) is None:
+            from backend.guidance.zero123 import encode_reference
+
+            self._z123_reference = encode_reference(self.guidance.zero123, self.reference.rgb_hxwx3,
+                                                    self.reference.mask_hxwx1)
+        return self._z123_reference
+
     def _embeddings(self, view_dependent: bool):
         from backend.guidance.sds import encode_prompt
 
@@ -576,17 +587,12 @@ class Job:
                          t_end: tuple[float, float]):
         """L_SDS + mu * L_3D-SDS with the stage's weights, timesteps annealed over its steps."""
         from backend.guidance.schedule import HybridConfig, HybridGuidance
-        from backend.guidance.zero123 import encode_reference
 
-        reference = None
-        if self.reference is not None and self.guidance.zero123 is not None:
-            reference = encode_reference(self.guidance.zero123, self.reference.rgb_hxwx3,
-                                         self.reference.mask_hxwx1)
         elevation, azimuth, distance, _ = self.config.camera.reference
         return HybridGuidance(
             self.guidance,
             self._embeddings(view_dependent=True),
-            reference,
+            self._zero123_reference(),
             (elevation, azimuth, distance),
             HybridConfig(
                 mu=cfg.zero123_weight,

@@ -132,21 +132,54 @@ class BenchContext:
         self.result = glb
 
 
+def bench_job_class(models: str):
+    """The `Job` to time. With full-size random models there is no text or image encoder, so the
+    prompt and reference encodings are random tensors of the real shapes (made once per job, they
+    cost nothing per step); everything else is the pipeline's own code."""
+    from backend.pipeline import Job
+
+    if models != "full":
+        return Job
+
+    class RandomEncodingJob(Job):
+        def _embeddings(self, view_dependent: bool):
+            return self.guidance.bench_embeddings
+
+        def _zero123_reference(self):
+            return self.guidance.bench_reference if self.reference is not None else None
+
+        def _prepare_reference(self):
+            if "image" not in self.ctx.inputs:
+                return None
+            from backend.guidance.reference import prepare_reference
+
+            return prepare_reference(self.ctx.inputs["image"], size=self.config.coarse.render_res,
+                                     models=None, device=self.device)
+
+    return RandomEncodingJob
+
+
 def load_bench_models(models: str, device: torch.device) -> Any:
-    """Guidance models: "full" = full-size random-weight models, else `load_models(models)`."""
+    """Guidance models: "full" = full-size random-weight models (float16 on CUDA), else
+    `load_models(models)`."""
+    if models == "full":
+        from backend.guidance.bench import full_size_models
+
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        guidance, embeddings, reference = full_size_models(device, dtype)
+        guidance.bench_embeddings = embeddings
+        guidance.bench_reference = reference
+        return guidance
     from backend.guidance.models import load_models
 
-    if models == "full":
-        from backend.guidance.bench import full_size_models_dir
-
-        return load_models(str(full_size_models_dir()), device)
     return load_models(models, device)
 
 
 def run_bench(device: str, quality: str, models: str, steps: dict[str, int], image: Path | None,
               texture_size: int) -> BenchReport:
     """Run one generate job through the pipeline and measure it."""
-    from backend.pipeline import PipelineRunner, describe_device
+    from backend.config import config_for_job
+    from backend.pipeline import describe_device
     from protocol.params import validate_submit
 
     torch_device = torch.device(device)
@@ -155,8 +188,6 @@ def run_bench(device: str, quality: str, models: str, steps: dict[str, int], ima
     # 1. Load the models (counted in the time to the first mesh, as a fresh server would).
     guidance = load_bench_models(models, torch_device)
     report.load_s = time.perf_counter() - started
-    runner = PipelineRunner(guidance=guidance, torch_device=torch_device,
-                            preset="tiny" if models == "tiny" else None)
     # 2. One generate job.
     inputs = {"image": image.read_bytes()} if image is not None else {}
     params = validate_submit("generate", {
@@ -166,7 +197,9 @@ def run_bench(device: str, quality: str, models: str, steps: dict[str, int], ima
     ctx = BenchContext("generate", params, inputs, report, started, torch_device)
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
-    runner.run(ctx)
+    config = config_for_job(params, "tiny" if models == "tiny" else None)
+    report.quality = config.quality
+    bench_job_class(models)(ctx, config, guidance, torch_device).run()
     report.total_s = time.perf_counter() - started
     if torch_device.type == "cuda":
         report.peak_memory_gib = max(stage.peak_memory_gib for stage in report.stages)
