@@ -34,6 +34,8 @@ from backend.guidance.errors import GuidanceInputError
 from backend.guidance.models import Prior2D
 
 VIEWS = ("front", "side", "back", "overhead")
+PROMPT_CACHE_SIZE = 8
+"""Prompts whose embeddings stay cached on a prior (the oldest goes first)."""
 MAX_TOKENS = 77
 """Text tokens fed to the prior (CLIP's 77; DeepFloyd IF is also run at 77 T5 tokens)."""
 MAX_PROMPT_CHARS = 1000
@@ -122,11 +124,16 @@ def encode_prompt(prior: Prior2D, prompt: str, negative: str = "", view_dependen
     validate_prompt(prompt, "prompt")
     validate_prompt(negative, "negative_prompt", allow_empty=True)
     key = (prompt, negative, view_dependent)
-    if key not in prior.prompt_cache:
-        texts = [f"{prompt}, {view} view" for view in VIEWS] if view_dependent else [prompt]
-        embedded = _embed_texts(prior, texts + [negative])
-        prior.prompt_cache[key] = PromptEmbeddings(prompt, negative, embedded[:-1], embedded[-1:])
-    return prior.prompt_cache[key]
+    cache = prior.prompt_cache
+    if key in cache:
+        cache[key] = cache.pop(key)  # most recently used last
+        return cache[key]
+    texts = [f"{prompt}, {view} view" for view in VIEWS] if view_dependent else [prompt]
+    embedded = _embed_texts(prior, texts + [negative])
+    cache[key] = PromptEmbeddings(prompt, negative, embedded[:-1], embedded[-1:])
+    while len(cache) > PROMPT_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    return cache[key]
 
 
 def wrap_azimuth(azimuth_deg_b: torch.Tensor) -> torch.Tensor:

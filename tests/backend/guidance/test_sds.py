@@ -9,6 +9,7 @@ import torch
 
 from backend.guidance.errors import GuidanceInputError
 from backend.guidance.sds import (
+    PROMPT_CACHE_SIZE,
     VIEWS,
     _perp_component,
     encode_images,
@@ -88,6 +89,10 @@ def test_prompts_are_validated_and_cached(tiny_models):
     assert first.cond_vxlxd.shape[0] == len(VIEWS)
     assert not torch.allclose(first.cond_vxlxd[0], first.cond_vxlxd[2])
     assert encode_prompt(prior, "a cow", view_dependent=False).cond_vxlxd.shape[0] == 1
+    for i in range(PROMPT_CACHE_SIZE + 2):  # the cache stays bounded; recently used prompts stay
+        encode_prompt(prior, f"object {i}")
+        assert encode_prompt(prior, "a cow") is first
+    assert len(prior.prompt_cache) == PROMPT_CACHE_SIZE
 
 
 def test_perp_neg_weights_and_projection(tiny_models):
