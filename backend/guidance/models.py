@@ -289,8 +289,10 @@ def _zero123_variant(variant: str, source: str) -> str:
 
 
 def looks_like_path(source: str) -> bool:
-    """A source is a path when it starts like one or has more than one '/' (hub ids have one)."""
-    return source.startswith(("/", ".", "~")) or source.count("/") != 1 or os.sep != "/" and os.sep in source
+    """A source is a path when it starts like one or has not exactly one '/' (hub ids: owner/name)."""
+    if source.startswith(("/", ".", "~")) or (os.sep != "/" and os.sep in source):
+        return True
+    return source.count("/") != 1
 
 
 def resolve_source(role: str, source: str, subfolders: list[str]) -> Path:
@@ -407,6 +409,11 @@ def _load_part(role: str, source: str, folder: Path, what: str, load):
         return load()
     except ModelLoadError:
         raise
+    except torch.OutOfMemoryError:
+        raise ModelLoadError(
+            role, source, f"{role} model {source!r}: out of memory while loading {what} from {folder}; free the "
+            f"device or use a smaller model."
+        ) from None
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
