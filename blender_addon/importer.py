@@ -138,7 +138,10 @@ def set_material(obj: bpy.types.Object, material: bpy.types.Material) -> None:
     else:
         mesh.materials[0] = material
     if old is not None and old != material and old.users == 0 and old.name.startswith("Dreamloom"):
+        old_name = old.name
         _remove_material(old)
+        if material.name.rsplit(".", 1)[0] == old_name:  # "Name.001" -> "Name" once the old one is gone
+            material.name = old_name
 
 
 def _remove_material(material: bpy.types.Material) -> None:
