@@ -227,12 +227,16 @@ def load_models(
         if role not in ROLES:
             raise ValueError(f"roles: unknown role {role!r}; expected some of {ROLES}")
     located = _locate_sources(spec, sources)
+    # 1. Find every role's folder first, so a missing one fails before anything heavy loads.
+    folders = {
+        role: resolve_source(role, getattr(located, role), _SUBFOLDERS[role])
+        for role in roles
+        if getattr(located, role) is not None
+    }
+    # 2. Load them.
     loaded: dict[str, Any] = {role: None for role in ROLES}
-    for role in roles:
+    for role, folder in folders.items():
         source = getattr(located, role)
-        if source is None:
-            continue
-        folder = resolve_source(role, source, _SUBFOLDERS[role])
         if role == "prior2d":
             loaded[role] = _load_prior2d(source, folder, device, dtype)
         elif role == "zero123":
