@@ -235,32 +235,36 @@ class HashGrid(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _time_forward_backward(grid: HashGrid, x_nx3: Tensor, repeats: int) -> float:
-    """Median milliseconds of one forward + backward."""
+def _time_forward_backward(grid: HashGrid, x_nx3: Tensor, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and process-CPU milliseconds of one forward + backward."""
     device = x_nx3.device
-    times_ms = []
+    wall_ms, cpu_ms = [], []
     for step in range(repeats + 2):
         # 1. start clean: gradients from the last repeat would add up
         grid.table_lxtxf.grad = None
         x = x_nx3.clone().requires_grad_(True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         # 2. forward and backward of a scalar that touches every output
         grid(x).square().sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         # 3. the first two runs warm up (allocator, kernel compilation)
         if step >= 2:
-            times_ms.append((time.perf_counter() - start) * 1e3)
-    return sorted(times_ms)[len(times_ms) // 2]
+            wall_ms.append((time.perf_counter() - start) * 1e3)
+            cpu_ms.append((time.process_time() - start_cpu) * 1e3)
+    return sorted(wall_ms)[len(wall_ms) // 2], sorted(cpu_ms)[len(cpu_ms) // 2]
 
 
-def benchmark(device: str, points: int, repeats: int, config: HashGridConfig) -> dict[str, float | str]:
-    """Forward+backward milliseconds of each implementation that can run on ``device``."""
+def benchmark(
+    device: str, points: int, repeats: int, config: HashGridConfig
+) -> dict[str, tuple[float, float] | str]:
+    """Forward+backward (wall ms, process-CPU ms) of each implementation that can run on
+    ``device``, or why it cannot."""
     generator = torch.Generator().manual_seed(0)
     x_nx3 = (torch.rand(points, 3, generator=generator) * 2 - 1).to(device)
-    results: dict[str, float | str] = {}
+    results: dict[str, tuple[float, float] | str] = {}
     for implementation in ("torch", "triton"):
         grid = HashGrid(config, device=device, implementation="torch")
         grid.implementation = implementation  # type: ignore[assignment]
@@ -282,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, default=16)
     parser.add_argument("--log2-table-size", type=int, default=19)
     parser.add_argument("--features", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for this run (0: torch's default)")
     args = parser.parse_args(argv)
     if not args.bench:
         parser.print_help()
@@ -290,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--points must be >= 1, got {args.points}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = HashGridConfig(
         num_levels=args.levels, log2_table_size=args.log2_table_size, features_per_level=args.features
     )
@@ -300,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.points} points, {name}, threads={torch.get_num_threads()}"
     )
     for implementation, value in results.items():
-        shown = f"{value:.2f} ms forward+backward" if isinstance(value, float) else value
+        shown = value if isinstance(value, str) else f"{value[0]:.2f} ms forward+backward (process CPU {value[1]:.2f} ms)"
         print(f"  {implementation:7s} {shown}")
     return 0
 

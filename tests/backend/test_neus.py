@@ -205,4 +205,4 @@ def test_benchmark_command_runs_on_cpu(capsys):
     args = ["--bench", "--device", "cpu", "--rays", "16", "--samples", "8", "--repeats", "1", "--levels", "2", "--log2-table-size", "10"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "with occupancy:" in printed and "ms/step" in printed
+    assert "with occupancy" in printed and "ms/step" in printed
