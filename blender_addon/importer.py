@@ -108,7 +108,8 @@ def packed_image(name: str, png_bytes: bytes) -> bpy.types.Image:
 def textured_material(name: str, image: bpy.types.Image | None, uv_map: str, vertex_colors: bool = False) -> bpy.types.Material:
     """A Principled BSDF material whose base colour is the image (or the "Color" attribute)."""
     material = bpy.data.materials.new(name)
-    material.use_nodes = True
+    if bpy.app.version < (5, 0, 0):  # from 5.0 every material has its node tree
+        material.use_nodes = True
     nodes, links = material.node_tree.nodes, material.node_tree.links
     bsdf = next(n for n in nodes if n.type == "BSDF_PRINCIPLED")
     bsdf.inputs["Roughness"].default_value = 0.8
@@ -264,7 +265,7 @@ def export_for_refine(obj: bpy.types.Object, depsgraph) -> tuple[core_mesh.Split
 def material_texture_png(obj: bpy.types.Object) -> bytes | None:
     """The PNG bytes of the image feeding the first material's base colour, if there is one."""
     material = obj.active_material
-    if material is None or not material.use_nodes:
+    if material is None or material.node_tree is None:
         return None
     bsdf = next((n for n in material.node_tree.nodes if n.type == "BSDF_PRINCIPLED"), None)
     if bsdf is None or not bsdf.inputs["Base Color"].is_linked:

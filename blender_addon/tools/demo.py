@@ -83,7 +83,8 @@ def setup_render(bpy, size: int, samples: int, transparent: bool) -> None:
     scene.render.image_settings.color_mode = "RGBA" if transparent else "RGB"
     world = scene.world or bpy.data.worlds.new("World")
     scene.world = world
-    world.use_nodes = True
+    if bpy.app.version < (5, 0, 0):
+        world.use_nodes = True
     world.node_tree.nodes["Background"].inputs["Strength"].default_value = 1.0
     world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.8, 0.82, 0.85, 1.0)
 
@@ -101,7 +102,8 @@ def render_reference(bpy, path: Path) -> None:
     spot.scale = [scale * s for s in spot.scale]
     spot.location = [-(h + l) / 2 * scale for h, l in zip(high, low)]
     material = bpy.data.materials.new("spot")
-    material.use_nodes = True
+    if bpy.app.version < (5, 0, 0):
+        material.use_nodes = True
     tex = material.node_tree.nodes.new("ShaderNodeTexImage")
     tex.image = bpy.data.images.load(str(SHARED / "meshes" / "spot_texture.png"))
     bsdf = material.node_tree.nodes["Principled BSDF"]

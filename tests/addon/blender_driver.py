@@ -61,7 +61,7 @@ def pump_until(condition, timeout_s: float, on_update=None) -> None:
 
 def material_summary(obj) -> dict:
     material = obj.active_material
-    if material is None or not material.use_nodes:
+    if material is None or material.node_tree is None:
         return {"material": None}
     images = [n.image for n in material.node_tree.nodes if n.type == "TEX_IMAGE" and n.image]
     return {
