@@ -81,6 +81,9 @@ def scenario_install(args) -> dict:
     result = {"protocol_package": core_protocol.PROTOCOL_PACKAGE, "ops_after_install": hasattr(bpy.ops.dreamloom, "generate")}
     prefs = bpy.context.preferences.addons[MODULE].preferences
     result["prefs"] = [prefs.backend_mode, prefs.backend_address]
+    prefs.client_keys_dir = str(args.save)  # a folder for the key pair
+    bpy.ops.dreamloom.make_client_keys()
+    result["client_keys"] = sorted(p.name for p in Path(args.save).iterdir())
     bpy.ops.preferences.addon_disable(module=MODULE)
     result["disabled"] = MODULE not in bpy.context.preferences.addons
     result["scene_prop_after_disable"] = hasattr(bpy.types.Scene, "dreamloom")

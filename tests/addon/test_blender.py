@@ -56,7 +56,8 @@ def blender(scenario: str, addon_zip: Path, tmp_path: Path, *args: str, timeout_
 
 
 def test_install_enable_disable_enable(addon_zip: Path, tmp_path: Path):
-    result = blender("install", addon_zip, tmp_path)
+    result = blender("install", addon_zip, tmp_path, "--save", str(tmp_path / "keys"))
+    assert result["client_keys"] == ["client.key", "client.key_secret"]  # Make Client Keys
     assert result["protocol_package"] == "bl_ext.user_default.dreamloom.protocol"  # the vendored copy
     assert result["prefs"] == ["LOCAL", "tcp://127.0.0.1:5555"]
     assert result["disabled"] and not result["scene_prop_after_disable"] and not result["operator_after_disable"]
