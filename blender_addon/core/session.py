@@ -299,6 +299,7 @@ class ClientSession:
     def _expire(self, now: float) -> list[Update]:
         overdue = [msg_id for msg_id, p in self.pending.items() if p.deadline < now]
         failures: list[Update] = []
+        transport = self.socket.connection_state() if overdue else ""
         for msg_id in overdue:
             pending = self.pending.pop(msg_id)
             failures.append(
@@ -307,7 +308,8 @@ class ClientSession:
                     code="timeout",
                     message=(
                         f"no reply from the backend at {self.address} to '{pending.message.type}' within "
-                        f"{pending.timeout_s:g} s: is it running, and are backend_address and the keys right?"
+                        f"{pending.timeout_s:g} s ({transport}): is it running, and are backend_address "
+                        "and the keys right?"
                     ),
                     field="backend_address",
                     context=pending.context,

@@ -129,3 +129,38 @@ def test_malformed_address_names_the_preference():
     with pytest.raises(SessionError) as info:
         ClientSession(ConnectionSettings(address="localhost:5555"))
     assert info.value.field == "backend_address" and "localhost:5555" in str(info.value)
+
+
+def test_curve_keys_authorised_client_is_welcomed_and_a_stranger_is_not(tmp_path: Path):
+    from protocol.keys import authorize, create_client_keys, create_server_keys, load_public_key
+
+    server_dir, friend, stranger = tmp_path / "server", tmp_path / "friend", tmp_path / "stranger"
+    create_server_keys(server_dir)
+    create_client_keys(friend)
+    create_client_keys(stranger)
+    authorize(server_dir, friend / "client.key")
+    server_key = load_public_key(server_dir / "server.key").decode()
+    config = ServerConfig(bind="tcp://127.0.0.1:*", store_dir=tmp_path / "store", keys_dir=server_dir)
+    thread = ServerThread(Server(config, MeshRunner()))
+    sessions = [
+        ClientSession(ConnectionSettings(address=thread.address, server_public_key=server_key, client_keys_dir=str(keys)))
+        for keys in (friend, stranger)
+    ]
+    try:
+        for session in sessions:
+            session.hello(timeout_s=2.0)
+        welcomed = pump_until(sessions[0], lambda u: sessions[0].welcome is not None, timeout_s=10)
+        assert not [u for u in welcomed if isinstance(u, RequestFailed)]
+        refused = pump_until(sessions[1], lambda u: any(isinstance(x, RequestFailed) for x in u), timeout_s=10)
+        assert refused[0].code == "timeout" and sessions[1].welcome is None
+        assert "refused this client's key" in refused[0].message
+    finally:
+        for session in sessions:
+            session.close()
+        thread.stop()
+
+
+def test_half_a_key_setup_names_the_missing_preference():
+    with pytest.raises(SessionError) as info:
+        ClientSession(ConnectionSettings(address="tcp://127.0.0.1:5555", server_public_key="x" * 40))
+    assert info.value.field == "client_keys_dir"
