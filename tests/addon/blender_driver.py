@@ -158,6 +158,7 @@ def scenario_generate(args) -> dict:
         "modifiers": [m.name for m in obj.modifiers],
         "verts": len(obj.data.vertices),
         "faces": len(obj.data.polygons),
+        "preview_size": list(bpy.data.images["Dreamloom Preview"].size) if "Dreamloom Preview" in bpy.data.images else None,
         **material_summary(obj),
     }
     if args.save:

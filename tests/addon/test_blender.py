@@ -152,5 +152,6 @@ def test_generate_with_a_local_tiny_backend_ends_textured(addon_zip: Path, tmp_p
     assert result["location"] == [1.0, 2.0, 3.0] and result["modifiers"] == ["Bevel"]
     assert result["material"] and result["image_packed"] and result["uv_maps"] == ["UVMap"]
     assert result["verts"] > 0 and result["object_seq"] == result["last_seq"]
+    assert result["preview_size"] and min(result["preview_size"]) > 0  # the panel's latest preview
     assert result["local_backend_exit"] is not None  # Stop Backend ended the process
     assert any("listening on" in line for line in result["local_backend_log"])
