@@ -454,6 +454,7 @@ class LocalContext:
             buffers["faces"],
             uvs=buffers.get("uvs"),
             texture_rgb=texture_rgb,
+            vertex_colors=buffers.get("colors"),
         )
         return str(path.relative_to(self.out_dir))
 
@@ -484,10 +485,14 @@ def _describe(value: Any) -> dict[str, Any]:
 # 3. Running a command ----------------------------------------------------------------------------
 
 
-def default_device() -> str:
+def cuda_available() -> bool:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.is_available()
+
+
+def default_device() -> str:
+    return "cuda" if cuda_available() else "cpu"
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -497,12 +502,16 @@ def run_command(args: argparse.Namespace) -> int:
         params_map = params_from_args(args)
         inputs = inputs_from_args(args)
         params = validate(kind, params_map, inputs)
+        device = args.device or default_device()
+        if device.startswith("cuda") and not cuda_available():
+            raise BadInput("--device", f"{device} asked for, but this machine has no CUDA GPU")
         if kind == "generate" and params.steps.coarse == 0:
             raise BadInput("--steps", "coarse=0 leaves nothing to shape the object; "
                            "only refine skips the coarse stage")
     except BadInput as exc:
         sys.stderr.write(f"python -m backend {args.command}: error: {exc}\n")
         return EXIT_BAD_INPUT
+    from backend.guidance.errors import GuidanceInputError, ModelLoadError
     from backend.jobs import JobCancelled
     from backend.pipeline import make_runner
 
@@ -513,16 +522,22 @@ def run_command(args: argparse.Namespace) -> int:
         inputs=inputs,
         show_progress=not args.no_progress,
     )
-    context.open(job_key(kind, params_map, inputs))
     try:
-        runner = make_runner(args.models, args.device or default_device())
-    except (ValueError, FileNotFoundError) as exc:
+        runner = make_runner(args.models, device)
+    except ModelLoadError as exc:
         sys.stderr.write(f"python -m backend {args.command}: error: --models: {exc}\n")
         return EXIT_BAD_INPUT
+    context.open(job_key(kind, params_map, inputs))
     context.state("running", resumed=context.resumed)
     previous_handler = signal.signal(signal.SIGINT, lambda *_: context.request_cancel())
     try:
         runner.run(context)
+    except GuidanceInputError as exc:  # the image or prompt, refused by the guidance
+        context.close_bar()
+        context.state("failed", error=str(exc))
+        flag = flag_for_field(f"buffers.{exc.field}" if exc.field == "image" else f"params.{exc.field}")
+        sys.stderr.write(f"python -m backend {args.command}: error: {flag}: {exc.message}\n")
+        return EXIT_BAD_INPUT
     except JobCancelled:
         context.close_bar()
         context.state("cancelled")

@@ -134,7 +134,12 @@ class Job:
         self.guidance = guidance
         self.device = device
         self.dtype = torch.float32
+        # Cameras, backgrounds and ray jitter draw on the CPU (same numbers on every device);
+        # the guidance draws timesteps and noise on the device it runs on.
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
+        self.device_generator = self.generator
+        if device.type != "cpu":
+            self.device_generator = torch.Generator(device).manual_seed(config.seed + 1)
         self.rasterizer = get_rasterizer(device)
         self.key = job_key(ctx.kind, config, ctx.params.prompt)
         self.stage = "coarse"
@@ -163,8 +168,8 @@ class Job:
             if first <= 0:
                 neus = self.coarse_stage(resume if first == 0 else None)
             if first <= 1 and not refine:
-                dmtet = self.geometry_stage(neus, resume if first == 1 else None)
-                surface = self.surface_from_mesh(*dmtet)
+                verts_vx3, faces_fx3, neus = self.geometry_stage(neus, resume if first == 1 else None)
+                surface = self.surface_from_mesh(verts_vx3, faces_fx3)
             color, surface = self.texture_stage(
                 neus, surface, resume if first == 2 else None
             )
@@ -172,6 +177,9 @@ class Job:
             self.finish(color, surface)
         except torch.cuda.OutOfMemoryError as exc:
             raise JobFailed(self._oom_reason()) from exc
+        finally:
+            if self.device.type == "cuda":  # leave the GPU clean for the next job
+                torch.cuda.empty_cache()
 
     # Stage 1: coarse NeuS ------------------------------------------------------------------------
 
@@ -189,6 +197,8 @@ class Job:
         if cfg.occupancy_res > 0:
             occupancy = OccupancyGrid(cfg.occupancy_res, device=self.device,
                                       update_every=cfg.occupancy_every)
+            if start > 0:  # resumed mid-stage: rebuild the grid from the restored field
+                occupancy.update(neus)
         hybrid = self._hybrid_guidance(cfg.steps, cfg, cfg.t_start, cfg.t_end)
         ranges = self._camera_ranges()
         cadence = self._cadence(cfg.steps)
@@ -213,7 +223,7 @@ class Job:
             # 4. Hybrid SDS at annealed timesteps (2D prior + mu * Zero123 with an image).
             losses = {}
             sds, info = hybrid.loss(out["rgb"], cams.elevation_deg_b, cams.azimuth_deg_b,
-                                    cams.distance_b, step, self.generator)
+                                    cams.distance_b, step, self.device_generator)
             losses["hybrid_sds"] = (cfg.sds_weight, sds)
             # 5. The reference view holds the image: RGB, mask, depth (and normal).
             if self.reference is not None:
@@ -247,7 +257,8 @@ class Job:
 
     # Stage 2: geometry (DMTet) -------------------------------------------------------------------
 
-    def geometry_stage(self, neus, resume: ckpt.Checkpoint | None) -> tuple[Tensor, Tensor]:
+    def geometry_stage(self, neus, resume: ckpt.Checkpoint | None) -> tuple[Tensor, Tensor, Any]:
+        """The refined mesh (verts_vx3, faces_fx3) and the NeuS field it came from."""
         from backend.cameras import sample_cameras
         from backend.dmtet import DMTet
         from backend.raster import render_mesh
@@ -282,11 +293,11 @@ class Job:
             cams = sample_cameras(ranges, cfg.batch, cfg.render_res, cfg.render_res, 1.0,
                                   self.generator, self.device)
             render = render_mesh(self.rasterizer, verts_vx3, faces_fx3, cams)
-            shaded = shade_normals(render, cams)
+            shaded = shade_normals(render)
             # 4. SDS on the shaded renders (+ Zero123 with an image).
             losses = {}
             sds, info = hybrid.loss(shaded, cams.elevation_deg_b, cams.azimuth_deg_b,
-                                    cams.distance_b, step, self.generator)
+                                    cams.distance_b, step, self.device_generator)
             losses["hybrid_sds"] = (cfg.sds_weight, sds)
             # 5. The reference view's mask and depth.
             if self.reference is not None:
@@ -319,8 +330,7 @@ class Job:
                             "try another seed or more coarse steps")
         if cfg.steps == 0:  # geometry skipped: stream the mesh the texture stage will use
             emit_mesh(self.ctx, "geometry", 0, verts_vx3, faces_fx3)
-        self._neus_for_texture = neus
-        return verts_vx3.detach(), faces_fx3
+        return verts_vx3.detach(), faces_fx3, neus
 
     def surface_from_mesh(self, verts_vx3: Tensor, faces_fx3: Tensor) -> Surface:
         """xatlas UVs for a generated mesh; its output coordinates are the scene's."""
@@ -355,27 +365,33 @@ class Job:
     # Stage 3: texture (BSD) ----------------------------------------------------------------------
 
     def texture_stage(self, neus, surface: Surface | None, resume: ckpt.Checkpoint | None):
-        from backend.cameras import sample_cameras
+        """The colour field on the fixed surface (and the surface), after BSD."""
         from backend.guidance.bsd import BSD
-        from backend.raster import render_mesh
-        from backend.stages.losses import fit_color_field, reference_terms, render_colors, sum_losses
         from backend.texture import ColorField
 
-        cfg = self.config.texture
         self.stage = "texture"
-        neus = getattr(self, "_neus_for_texture", neus)
-        # 1. The fixed surface: from the checkpoint, the geometry stage or the input mesh.
         if resume is not None:
             surface = Surface.from_tensors(resume.tensors, self.device)
         elif surface is None:
             surface = self.surface_from_input()
         color = ColorField(self._color_config(), 1.0, self.device)
         bsd = BSD(self.guidance.prior2d, self._embeddings(view_dependent=True),
-                  self._bsd_config(), self.generator)
+                  self._bsd_config(), self.device_generator)
+        try:
+            self._texture_loop(neus, surface, color, bsd, resume)
+        finally:
+            bsd.close()  # the shared UNet is the plain prior again for the next job
+        return color, surface
+
+    def _texture_loop(self, neus, surface: Surface, color, bsd, resume: ckpt.Checkpoint | None) -> None:
+        from backend.cameras import sample_cameras
+        from backend.stages.losses import fit_color_field, reference_terms, render_colors, sum_losses
+
+        cfg = self.config.texture
         optimiser = torch.optim.Adam(color.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-15)
         modules = {"color": color, "bsd": ckpt.BSDState(bsd)}
         start = self._restore(resume, modules, {"texture": optimiser})
-        # 2. A fresh start fits the colour field to what is known: the input texture or NeuS.
+        # A fresh start fits the colour field to what is known: the input texture or NeuS.
         if resume is None:
             target = self._initial_colors(neus, surface)
             if target is not None:
@@ -386,45 +402,41 @@ class Job:
         self._stage_start("texture", cfg.steps, start, modules, {"texture": optimiser},
                           tensors=surface.tensors())
         timer = StepTimer(cfg.steps - start)
-        try:
-            for step in range(start, cfg.steps):
-                self.step = step
-                # 1. Stop here if the job was cancelled.
-                self.ctx.check_cancelled()
-                # 2. Render the colour field on the fixed surface from random views.
-                cams = sample_cameras(ranges, cfg.batch, cfg.render_res, cfg.render_res, 1.0,
-                                      self.generator, self.device)
-                background = torch.rand(3, generator=self.generator).to(self.device)
-                rgb, _ = render_colors(self.rasterizer, surface, color, cams, background)
-                # 3. BSD: the LoRAs learn the renders' score, the colours follow the prior.
-                losses = {}
-                try:
-                    bsd_loss, info = bsd.step(rgb, cams.c2w_bx4x4, step, cfg.steps)
-                except FloatingPointError as exc:
-                    raise self._diverged(str(exc)) from exc
-                losses["bsd"] = (cfg.bsd_weight, bsd_loss)
-                # 4. The reference view keeps the image's colours.
-                if self.reference is not None:
-                    ref_cam = self._reference_camera(ranges)
-                    ref_rgb, ref_render = render_colors(self.rasterizer, surface, color, ref_cam,
-                                                        torch.ones(3, device=self.device))
-                    ref = reference_terms(self.reference, ref_cam, ref_rgb, ref_render.mask)
-                    losses["ref_rgb"] = (cfg.ref_rgb_weight, ref["rgb"])
-                total, values = sum_losses(losses)
-                values.update(info)
-                # 5. Stop on a diverged loss; else one optimiser step.
-                self._check_finite(total, values)
-                optimiser.zero_grad(set_to_none=True)
-                total.backward()
-                optimiser.step()
-                # 6. Stream: progress (+ preview), the mesh with vertex colours, a checkpoint.
-                self._after_step(cadence, step, timer, values, rgb,
-                                 mesh_fn=lambda: self._colored_surface(surface, color),
-                                 modules=modules, optimisers={"texture": optimiser},
-                                 tensors=surface.tensors())
-        finally:
-            bsd.close()
-        return color, surface
+        for step in range(start, cfg.steps):
+            self.step = step
+            # 1. Stop here if the job was cancelled.
+            self.ctx.check_cancelled()
+            # 2. Render the colour field on the fixed surface from random views.
+            cams = sample_cameras(ranges, cfg.batch, cfg.render_res, cfg.render_res, 1.0,
+                                  self.generator, self.device)
+            background = torch.rand(3, generator=self.generator).to(self.device)
+            rgb, _ = render_colors(self.rasterizer, surface, color, cams, background)
+            # 3. BSD: the LoRAs learn the renders' score, the colours follow the prior.
+            losses = {}
+            try:
+                bsd_loss, info = bsd.step(rgb, cams.c2w_bx4x4, step, cfg.steps)
+            except FloatingPointError as exc:
+                raise self._diverged(str(exc)) from exc
+            losses["bsd"] = (cfg.bsd_weight, bsd_loss)
+            # 4. The reference view keeps the image's colours.
+            if self.reference is not None:
+                ref_cam = self._reference_camera(ranges)
+                ref_rgb, ref_render = render_colors(self.rasterizer, surface, color, ref_cam,
+                                                    torch.ones(3, device=self.device))
+                ref = reference_terms(self.reference, ref_cam, ref_rgb, ref_render.mask)
+                losses["ref_rgb"] = (cfg.ref_rgb_weight, ref["rgb"])
+            total, values = sum_losses(losses)
+            values.update(info)
+            # 5. Stop on a diverged loss; else one optimiser step.
+            self._check_finite(total, values)
+            optimiser.zero_grad(set_to_none=True)
+            total.backward()
+            optimiser.step()
+            # 6. Stream: progress (+ preview), the mesh with vertex colours, a checkpoint.
+            self._after_step(cadence, step, timer, values, rgb,
+                             mesh_fn=lambda: self._colored_surface(surface, color),
+                             modules=modules, optimisers={"texture": optimiser},
+                             tensors=surface.tensors())
 
     def finish(self, color, surface: Surface) -> None:
         """Bake the colour field into the UV texture, hand over the GLB, emit the final mesh."""
@@ -483,7 +495,7 @@ class Job:
             modules={name: module.state_dict() for name, module in modules.items()},
             optimisers={name: opt.state_dict() for name, opt in optimisers.items()},
             tensors=dict(tensors or {}),
-            rng=ckpt.capture_rng(self.generator),
+            rng=ckpt.capture_rng(self._generators()),
             job_key=self.key,
         )
         self.ctx.save_checkpoint(ckpt.to_bytes(state))
@@ -509,8 +521,11 @@ class Job:
         for name, optimiser in optimisers.items():
             if name in resume.optimisers:
                 optimiser.load_state_dict(resume.optimisers[name])
-        ckpt.restore_rng(resume.rng, self.generator)
+        ckpt.restore_rng(resume.rng, self._generators())
         return resume.step
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"cpu": self.generator, "device": self.device_generator}
 
     def _check_finite(self, total: Tensor, values: dict[str, float]) -> None:
         if not torch.isfinite(total).item():

@@ -36,33 +36,35 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     """Plain tensors a stage needs (e.g. the fixed mesh "verts_vx3", "faces_fx3", "uvs_vx2")."""
     rng: dict[str, Any] = field(default_factory=dict)
-    """Random states: "torch", "cuda" (list, may be empty), "numpy", "python", "generator"."""
+    """Random states: "torch", "cuda" (list, may be empty), "numpy", "python", "generators"."""
     job_key: str = ""
     """A digest of the job's kind and params; a checkpoint of another job is refused."""
 
 
-def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
-    """The random state of every source the pipeline draws from."""
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """The random state of every source the pipeline draws from: torch (CPU, CUDA), numpy,
+    Python, and the job's own generators by name."""
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": np.random.get_state(),
         "python": random.getstate(),
+        "generators": {name: gen.get_state() for name, gen in (generators or {}).items()},
     }
-    if generator is not None:
-        state["generator"] = generator.get_state()
     return state
 
 
-def restore_rng(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
-    """Put back the random state `capture_rng` took."""
+def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Put back the random state `capture_rng` took (generators matched by name)."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
+    saved = state.get("generators", {})
+    for name, generator in (generators or {}).items():
+        if name in saved:
+            generator.set_state(saved[name])
 
 
 def _to_cpu(value: Any) -> Any:

@@ -29,7 +29,7 @@ def sum_losses(terms: dict[str, tuple[float, Tensor]]) -> tuple[Tensor, dict[str
     return total, values
 
 
-def shade_normals(render: Any, cameras: Any, background: float = 1.0) -> Tensor:
+def shade_normals(render: Any, background: float = 1.0) -> Tensor:
     """A normal-shaded image [B, H, W, 3] of a mesh render: world normals mapped to colours
     ((n + 1) / 2) on a plain background, as the 2D prior sees geometry."""
     normal = render.normal

@@ -81,6 +81,22 @@ def test_a_broken_image_file_names_the_image_flag(tmp_path: Path, capsys: pytest
     assert len(err.splitlines()) == 1 and "--image" in err, err
 
 
+def test_unknown_models_folder_names_the_models_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["generate", "--prompt", "a cat", "--models", str(tmp_path / "nowhere"), "--device", "cpu",
+                 "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--models" in err, err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_names_the_device_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["generate", "--prompt", "a cat", "--device", "cuda", "--out", str(tmp_path / "o")])
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device" in err, err
+
+
 def test_flags_become_the_params_submit_validates(tmp_path: Path) -> None:
     image = _write_png(tmp_path / "ref.png")
     args = build_parser().parse_args([

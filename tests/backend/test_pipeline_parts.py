@@ -62,7 +62,7 @@ def test_checkpoint_round_trip_restores_modules_optimisers_and_random_state() ->
     state = ckpt.Checkpoint(
         stage="geometry", step=42, modules={"model": model.state_dict()},
         optimisers={"adam": optimiser.state_dict()}, tensors={"faces_fx3": torch.arange(6).reshape(2, 3)},
-        rng=ckpt.capture_rng(generator), job_key="job",
+        rng=ckpt.capture_rng({"cpu": generator}), job_key="job",
     )
     data = ckpt.to_bytes(state)
     expected_draw = torch.rand(4, generator=generator)
@@ -78,7 +78,7 @@ def test_checkpoint_round_trip_restores_modules_optimisers_and_random_state() ->
     assert fresh_optimiser.state_dict()["state"][0]["step"] == optimiser.state_dict()["state"][0]["step"]
     assert torch.equal(loaded.tensors["faces_fx3"], torch.arange(6).reshape(2, 3))
     other = torch.Generator().manual_seed(999)
-    ckpt.restore_rng(loaded.rng, other)
+    ckpt.restore_rng(loaded.rng, {"cpu": other})
     assert torch.equal(torch.rand(4, generator=other), expected_draw)
     assert torch.equal(torch.rand(2), expected_global)
 
