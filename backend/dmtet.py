@@ -199,7 +199,8 @@ def _weld_and_drop_degenerate(verts_vx3: Tensor, faces_fx3: Tensor) -> tuple[Ten
             0, group_v, order, reduce="amin", include_self=True
         )[: int(group_v.max()) + 1]
         faces_fx3 = group_v[faces_fx3]
-        distinct = (faces_fx3[:, 0] != faces_fx3[:, 1]) & (faces_fx3[:, 1] != faces_fx3[:, 2]) & (faces_fx3[:, 2] != faces_fx3[:, 0])
+        a, b, c = faces_fx3.unbind(-1)
+        distinct = (a != b) & (b != c) & (c != a)
         faces_fx3 = faces_fx3[distinct]
         used, faces_fx3 = torch.unique(faces_fx3, return_inverse=True)
     return verts_vx3[first_of_group[used]], faces_fx3
@@ -266,7 +267,10 @@ class DMTet(nn.Module):
     def __init__(self, grid: TetGrid, sdf_v: Tensor) -> None:
         super().__init__()
         if sdf_v.shape != (grid.num_vertices,):
-            raise ValueError(f"sdf_v must have shape [{grid.num_vertices}] for resolution {grid.resolution}, got {tuple(sdf_v.shape)}")
+            raise ValueError(
+                f"sdf_v must have shape [{grid.num_vertices}] for resolution {grid.resolution}, "
+                f"got {tuple(sdf_v.shape)}"
+            )
         self.grid = grid
         """The implicit grid (resolution and bound)."""
         self.sdf = nn.Parameter(sdf_v.detach().float().clone())
@@ -384,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # One fresh process per resolution so peak memory is that resolution's own.
     for resolution in args.resolutions:
-        command = [sys.executable, "-m", "backend.dmtet", "bench", str(resolution), "--device", args.device, "--in-process"]
+        command = [sys.executable, "-m", "backend.dmtet", "bench", str(resolution),
+                   "--device", args.device, "--in-process"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             print(f"resolution {resolution}: failed\n{result.stderr}", file=sys.stderr)

@@ -276,7 +276,8 @@ class TorchRasterizer:
             pixel = (tri_p // num_faces) * (height * width) + py[keep] * width + px[keep]
             # 3. Z-buffer: nearest depth, then the lowest triangle id among exact ties.
             new_depth = depth_buffer.scatter_reduce(0, pixel, z_over_w, reduce="amin", include_self=True)
-            id_buffer = torch.where(new_depth < depth_buffer, torch.full_like(id_buffer, torch.iinfo(torch.long).max), id_buffer)
+            unset = torch.full_like(id_buffer, torch.iinfo(torch.long).max)
+            id_buffer = torch.where(new_depth < depth_buffer, unset, id_buffer)
             winners = z_over_w == new_depth[pixel]
             id_buffer = id_buffer.scatter_reduce(0, pixel[winners], tri_p[winners], reduce="amin", include_self=True)
             depth_buffer = new_depth
@@ -361,7 +362,9 @@ def _adjacent_pixel_pairs(batch: int, height: int, width: int, device: torch.dev
     pixel = torch.arange(batch * height * width, device=device).reshape(batch, height, width)
     horizontal_p, horizontal_q = pixel[:, :, :-1].reshape(-1), pixel[:, :, 1:].reshape(-1)
     vertical_p, vertical_q = pixel[:, :-1, :].reshape(-1), pixel[:, 1:, :].reshape(-1)
-    is_horizontal = torch.cat([torch.ones_like(horizontal_p, dtype=torch.bool), torch.zeros_like(vertical_p, dtype=torch.bool)])
+    is_horizontal = torch.cat(
+        [torch.ones_like(horizontal_p, dtype=torch.bool), torch.zeros_like(vertical_p, dtype=torch.bool)]
+    )
     return torch.cat([horizontal_p, vertical_p]), torch.cat([horizontal_q, vertical_q]), is_horizontal
 
 
@@ -500,7 +503,10 @@ def get_rasterizer(device: torch.device | str, kind: str | None = None) -> Raste
     kind = kind if kind is not None else os.environ.get(RASTERIZER_ENV, "auto")
     device = torch.device(device)
     if kind not in ("auto", "torch", "nvdiffrast"):
-        raise ValueError(f"rasteriser kind must be 'auto', 'torch' or 'nvdiffrast', got {kind!r} (argument kind or ${RASTERIZER_ENV})")
+        raise ValueError(
+            f"rasteriser kind must be 'auto', 'torch' or 'nvdiffrast', got {kind!r} "
+            f"(argument kind or ${RASTERIZER_ENV})"
+        )
     if kind == "torch":
         return TorchRasterizer()
     if kind == "nvdiffrast":
@@ -574,7 +580,9 @@ def render_mesh(
     if verts_vx3.dim() != 2 or verts_vx3.shape[-1] != 3:
         raise ValueError(f"verts_vx3 must be [V, 3], got {tuple(verts_vx3.shape)}")
     if vertex_attrs is not None and (vertex_attrs.dim() not in (2, 3) or vertex_attrs.shape[-2] != verts_vx3.shape[0]):
-        raise ValueError(f"vertex_attrs must be [V={verts_vx3.shape[0]}, C] or [B, V, C], got {tuple(vertex_attrs.shape)}")
+        raise ValueError(
+            f"vertex_attrs must be [V={verts_vx3.shape[0]}, C] or [B, V, C], got {tuple(vertex_attrs.shape)}"
+        )
     mvp_bx4x4 = cameras.mvp_bx4x4(near, far).to(verts_vx3)
     c2w_bx4x4 = cameras.c2w_bx4x4.to(verts_vx3)
     height, width = int(cameras.height), int(cameras.width)

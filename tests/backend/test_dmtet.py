@@ -47,7 +47,8 @@ def assert_clean_closed_mesh(verts_vx3: torch.Tensor, faces_fx3: torch.Tensor, a
     assert torch.all(directed == 1), "neighbouring faces must be consistently oriented"
     assert torch.unique(faces_fx3.long()).numel() == verts_vx3.shape[0], "no unused vertices"
     corners = faces_fx3.long()
-    assert torch.all((corners[:, 0] != corners[:, 1]) & (corners[:, 1] != corners[:, 2]) & (corners[:, 2] != corners[:, 0]))
+    a_id, b_id, c_id = corners.unbind(-1)
+    assert torch.all((a_id != b_id) & (b_id != c_id) & (c_id != a_id)), "no repeated corners"
     a, b, c = (verts_vx3[corners[:, i]] for i in range(3))
     zero_area = torch.linalg.cross(b - a, c - a).norm(dim=-1) == 0
     # Collinear slivers only appear where the surface runs exactly through grid vertices.
@@ -160,7 +161,8 @@ def test_gradients_reach_sdf_and_deform():
     (verts * weights).sum().backward()
     assert (dmtet.sdf.grad != 0).sum() > 50 and (dmtet.deform.grad != 0).sum() > 50
     # Only vertices next to the surface get gradients.
-    far_away = SphereSDF(0.4).sdf(dmtet.grid.positions(torch.arange(dmtet.grid.num_vertices))).abs() > 2 * dmtet.grid.cell_size
+    grid_sdf = SphereSDF(0.4).sdf(dmtet.grid.positions(torch.arange(dmtet.grid.num_vertices)))
+    far_away = grid_sdf.abs() > 2 * dmtet.grid.cell_size
     assert torch.all(dmtet.sdf.grad[far_away] == 0)
 
 

@@ -264,7 +264,8 @@ def test_antialias_gradient_matches_finite_differences():
             plus, minus = clip.clone(), clip.clone()
             plus[0, vertex, coord] += eps
             minus[0, vertex, coord] -= eps
-            numeric = ((antialiased_mask(rasterizer, plus, faces, 32) - antialiased_mask(rasterizer, minus, faces, 32)) * weights).sum() / (2 * eps)
+            difference = antialiased_mask(rasterizer, plus, faces, 32) - antialiased_mask(rasterizer, minus, faces, 32)
+            numeric = (difference * weights).sum() / (2 * eps)
             assert torch.isclose(clip_var.grad[0, vertex, coord], numeric, rtol=1e-5), (vertex, coord)
 
 
