@@ -3,6 +3,9 @@ box) against nvdiffrast. Run the GPU part with `pytest -m cuda tests/backend/tes
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -406,6 +409,19 @@ def test_bad_inputs_name_the_field():
     rast = rasterizer.rasterize(clip, faces, 8, 8)
     with pytest.raises(ValueError, match=r"attr .*\(2, 3, 2\)"):
         rasterizer.interpolate(torch.zeros(2, 3, 2), rast, faces)
+
+
+def test_importing_the_modules_and_choosing_loads_no_nvdiffrast():
+    code = (
+        "import sys, torch\n"
+        "import backend.raster, backend.dmtet\n"
+        "backend.raster.get_rasterizer('cpu')\n"
+        "assert 'nvdiffrast' not in sys.modules, sorted(m for m in sys.modules if 'nvdiffrast' in m)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.skipif(nvdiffrast_installed(), reason="nvdiffrast is installed here")
