@@ -600,9 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{name}, threads={torch.get_num_threads()}"
     )
     print(f"  occupancy grid 64^3 (initial sphere): {results['occupied_fraction']:.3f} of cells occupied")
-    for label, key in (("without occupancy", "no_occupancy"), ("with occupancy   ", "occupancy")):
+    for label, key in (("without occupancy", "no_occupancy"), ("with occupancy", "occupancy")):
         print(
-            f"  {label}: {results['step_ms_' + key]:.1f} ms/step (process CPU {results['cpu_ms_' + key]:.1f} ms), "
+            f"  {label:17s}: {results['step_ms_' + key]:.1f} ms/step (process CPU {results['cpu_ms_' + key]:.1f} ms), "
             f"{results['evaluated_' + key]:.0f} samples evaluated"
         )
     return 0
