@@ -30,7 +30,7 @@ from torch import Tensor
 
 from backend.config import STAGES, PipelineConfig, config_for_job
 from backend.stages import checkpoint as ckpt
-from backend.stages.stream import Cadence, emit_mesh, png_bytes, preview_png
+from backend.stages.stream import Cadence, emit_mesh, preview_png
 
 
 class JobFailed(RuntimeError):
@@ -104,6 +104,7 @@ class Surface:
     """The same vertices in the output's coordinates (a refined mesh keeps the input's)."""
 
     def tensors(self) -> dict[str, Tensor]:
+        """The fields by name, for a checkpoint."""
         return {
             "verts_vx3": self.verts_vx3,
             "faces_fx3": self.faces_fx3,
@@ -113,6 +114,7 @@ class Surface:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], device: torch.device) -> "Surface":
+        """The surface a checkpoint holds, on `device`."""
         return cls(**{name: tensors[name].to(device) for name in (
             "verts_vx3", "faces_fx3", "uvs_vx2", "out_verts_vx3")})
 
@@ -133,7 +135,6 @@ class Job:
         self.config = config
         self.guidance = guidance
         self.device = device
-        self.dtype = torch.float32
         # Cameras, backgrounds and ray jitter draw on the CPU (same numbers on every device);
         # the guidance draws timesteps and noise on the device it runs on.
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
@@ -270,15 +271,15 @@ class Job:
         if resume is not None and neus is None:
             neus = self._new_neus()
             neus.load_state_dict(resume.modules["neus"])
+        neus.update_step(self.config.coarse.steps)  # every hash-grid level the coarse stage reached
         dmtet = DMTet.from_sdf(neus, cfg.dmtet_res, self.device)
         optimiser = torch.optim.Adam(dmtet.parameters(), lr=cfg.lr)
-        start = self._restore(resume, {"dmtet": dmtet} if resume and resume.step else {},
-                              {"geometry": optimiser} if resume and resume.step else {})
+        start = self._restore(resume, {"dmtet": dmtet}, {"geometry": optimiser})
         hybrid = self._hybrid_guidance(cfg.steps, cfg, cfg.t_range, cfg.t_range)
         ranges = self._camera_ranges()
         cadence = self._cadence(cfg.steps)
         self._stage_start("geometry", cfg.steps, start, {"neus": neus, "dmtet": dmtet},
-                          {"geometry": optimiser}, save_modules={"neus": neus})
+                          {"geometry": optimiser})
         timer = StepTimer(cfg.steps - start)
         for step in range(start, cfg.steps):
             self.step = step
@@ -462,12 +463,11 @@ class Job:
     # Shared pieces of the loops ------------------------------------------------------------------
 
     def _stage_start(self, stage: str, steps: int, start: int, modules: dict, optimisers: dict,
-                     tensors: dict | None = None, save_modules: dict | None = None) -> None:
+                     tensors: dict | None = None) -> None:
         """The stage-start checkpoint (not when resuming mid-stage), then the `stage` event: a
         process killed once the event is out resumes in this stage, never before it."""
         if start == 0:
-            self._save(stage, 0, save_modules if save_modules is not None else modules,
-                       optimisers if save_modules is None else {}, tensors)
+            self._save(stage, 0, modules, optimisers, tensors)
         self.ctx.emit("stage", {"stage": stage, "steps": steps})
 
     def _after_step(self, cadence: Cadence, step: int, timer: "StepTimer", values: dict,
