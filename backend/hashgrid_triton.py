@@ -144,6 +144,7 @@ class _HashEncode(torch.autograd.Function):
         return out_nxlf
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out_nxlf: Tensor):  # type: ignore[override]
         x01_nx3, table_lxtxf, resolution_l, dense_l = ctx.saved_tensors
         num_levels, table_size, num_features = table_lxtxf.shape

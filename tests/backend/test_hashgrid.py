@@ -159,7 +159,7 @@ TRITON_COMPARE = textwrap.dedent(
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_triton_kernel_matches_torch_in_the_interpreter():
     """The fused kernel's code, run by Triton's CPU interpreter, against the PyTorch reference."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(REPO))
     script = "DEVICE = 'cpu'\n" + TRITON_COMPARE
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -178,9 +178,10 @@ def test_triton_kernel_matches_torch_on_cuda():
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
-def test_triton_kernels_compile_for_cuda_without_a_gpu():
+def test_triton_kernels_compile_for_cuda_without_a_gpu(monkeypatch):
     """Triton's compiler (bundled ptxas) builds both kernels for sm_90: catches what the
     interpreter cannot, such as misuse of constexpr in unrolled loops."""
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
