@@ -198,12 +198,13 @@ class Job:
         if cfg.occupancy_res > 0:
             occupancy = OccupancyGrid(cfg.occupancy_res, device=self.device,
                                       update_every=cfg.occupancy_every)
-            if start > 0:  # resumed mid-stage: rebuild the grid from the restored field
-                occupancy.update(neus)
+            if resume is not None and "occupancy_g3" in resume.tensors:
+                occupancy.occupied_g3 = resume.tensors["occupancy_g3"].to(self.device)
         hybrid = self._hybrid_guidance(cfg.steps, cfg, cfg.t_start, cfg.t_end)
         ranges = self._camera_ranges()
         cadence = self._cadence(cfg.steps)
-        self._stage_start("coarse", cfg.steps, start, {"neus": neus}, {"coarse": optimiser})
+        self._stage_start("coarse", cfg.steps, start, {"neus": neus}, {"coarse": optimiser},
+                          occupancy_state(occupancy))
         timer = StepTimer(cfg.steps - start)
         for step in range(start, cfg.steps):
             self.step = step
@@ -253,7 +254,8 @@ class Job:
             # 8. Stream: progress (+ preview), a mesh from the SDF, a checkpoint.
             self._after_step(cadence, step, timer, values, out["rgb"],
                              mesh_fn=lambda: self._neus_mesh(neus),
-                             modules={"neus": neus}, optimisers={"coarse": optimiser})
+                             modules={"neus": neus}, optimisers={"coarse": optimiser},
+                             tensors=occupancy_state(occupancy))
         return neus
 
     # Stage 2: geometry (DMTet) -------------------------------------------------------------------
@@ -681,6 +683,11 @@ class Job:
         with torch.no_grad():
             colors_vx3 = color(surface.verts_vx3)
         return surface.out_verts_vx3, surface.faces_fx3, colors_vx3
+
+
+def occupancy_state(occupancy) -> dict[str, Tensor]:
+    """The occupancy grid's cells for a checkpoint (an exact resume skips the same samples)."""
+    return {} if occupancy is None else {"occupancy_g3": occupancy.occupied_g3}
 
 
 class StepTimer:

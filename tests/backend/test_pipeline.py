@@ -163,6 +163,33 @@ def test_cancel_stops_within_one_step(tmp_path: Path, runner) -> None:
     assert ctx.result_glb is None
 
 
+def test_a_job_resumed_mid_stage_continues_exactly_where_it_stopped(tmp_path: Path, runner) -> None:
+    params = {"prompt": "a cat", "steps": {"coarse": 5}}
+
+    def config_of(ctx):
+        config = config_for_job(ctx.params, "tiny")
+        return dataclasses.replace(config, stream=dataclasses.replace(config.stream, checkpoint_every=2))
+
+    # 1. Straight through the coarse stage (stopped once it is done).
+    straight = _context(tmp_path / "straight", "generate", params, {})
+    straight.stop_at = ("coarse", 5)
+    with pytest.raises(JobCancelled):
+        Job(straight, config_of(straight), runner.guidance, runner.torch_device).run()
+    # 2. Stopped after step 3 (newest checkpoint: after step 2), then resumed in a new context.
+    stopped = _context(tmp_path / "stopped", "generate", params, {})
+    stopped.stop_at = ("coarse", 3)
+    with pytest.raises(JobCancelled):
+        Job(stopped, config_of(stopped), runner.guidance, runner.torch_device).run()
+    resumed = _context(tmp_path / "stopped", "generate", params, {})
+    assert resumed.resumed
+    resumed.stop_at = ("coarse", 5)
+    with pytest.raises(JobCancelled):
+        Job(resumed, config_of(resumed), runner.guidance, runner.torch_device).run()
+    assert [step for _, step, _ in resumed.steps_seen] == [3, 4, 5]
+    for (_, step, expected), (_, _, got) in zip(straight.steps_seen[2:], resumed.steps_seen):
+        assert got == pytest.approx(expected, rel=1e-5), f"step {step}"
+
+
 def test_a_diverging_job_fails_with_a_reason_and_keeps_its_meshes(tmp_path: Path, runner) -> None:
     ctx = _context(tmp_path, "generate", {"prompt": "a cat", "steps": {"coarse": 2, "geometry": 4}}, {})
     config = config_for_job(ctx.params, "tiny")
