@@ -151,6 +151,15 @@ TRITON_COMPARE = textwrap.dedent(
     g_fused = torch.autograd.grad((fused * upstream).sum(), [x_fused, grid.table_lxtxf])
     torch.testing.assert_close(g_fused[1], g_ref[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_fused[0], g_ref[0], atol=1e-3, rtol=1e-4)
+    # first-order only: differentiating the backward pass raises instead of dropping terms
+    fused = hashgrid_triton.encode(x_fused, grid.table_lxtxf, grid.resolutions, grid.dense, 3)
+    (g_x,) = torch.autograd.grad(fused.square().sum(), x_fused, create_graph=True)
+    try:
+        g_x.sum().backward()
+    except RuntimeError as error:
+        assert "once_differentiable" in str(error), error
+    else:
+        raise AssertionError("double backward through the fused kernel did not raise")
     print("fused kernel matches")
     """
 )
