@@ -1,6 +1,6 @@
 """The pipeline behind the real server: `python -m backend serve --models tiny` as a process,
 killed during the geometry stage and restarted on the same store, resumes the job from its
-checkpoint and finishes with a textured result."""
+checkpoint and finishes with a textured result; the same server then refines a mesh."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from protocol.messages import Message
 from protocol.transport import ClientSocket
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+MESHES = REPO_ROOT / ".." / "shared" / "meshes"
 ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
 
 
@@ -106,6 +107,24 @@ def test_server_killed_in_the_geometry_stage_resumes_the_job(tmp_path: Path) -> 
         assert len(mesh.faces) == final[0].body["face_count"]
         assert mesh.visual.uv is not None and mesh.visual.material.baseColorTexture is not None
         np.testing.assert_array_equal(np.asarray(final[0].buffers["faces"]).shape, (len(mesh.faces), 3))
+        # 5. The same server (models loaded once) runs a refine job next: the geometry is kept.
+        from backend.meshio import load_mesh
+
+        suzanne = load_mesh(MESHES / "suzanne.obj", triangulate=True)
+        buffers = {"positions": suzanne.verts_vx3.astype("<f4"), "faces": suzanne.faces_fx3.astype("<i4")}
+        submit = Message("submit", {"kind": "refine_texture", "params": {
+            "prompt": "a bronze monkey head", "steps": {"texture": 2}, "mesh_every": 10,
+            "texture_size": 256}}, buffers)
+        reply = client.request(submit, timeout_s=30)
+        assert reply.type == "accepted", reply.body
+        refined = events_of(client, reply.body["job_id"], lambda m: m.body["event"] == "state"
+                            and m.body["state"] in ("done", "failed", "cancelled"), timeout_s=240)
+        assert refined[-1].body["state"] == "done", refined[-1].body
+        last = [e for e in refined if e.body["event"] == "mesh" and e.body["final"]][0]
+        positions = np.asarray(last.buffers["positions"])
+        faces = np.asarray(last.buffers["faces"])
+        # Seams split vertices, they never move them: every corner is where it was.
+        np.testing.assert_allclose(positions[faces], suzanne.verts_vx3[suzanne.faces_fx3], atol=0)
     finally:
         for client in clients:
             client.close()
