@@ -103,7 +103,7 @@ def test_matting_and_depth_estimators_are_used(tiny_models):
 def test_depth_to_normals_of_planes():
     flat = depth_to_normals(torch.full((1, 8, 8), 3.0), fov_deg=40.0)
     assert torch.allclose(flat, torch.tensor([0.0, 0.0, 1.0]).expand(1, 8, 8, 3), atol=1e-5)
-    # A plane z = -(3 + 0.5·x_cam): depth grows to the right, so the normal tilts to −x... towards +x? compute.
+    # The plane z = −(3 + 0.5·x) (camera space): 0.5·x + z + 3 = 0, so its normal is ∝ (0.5, 0, 1).
     height = width = 16
     tan_half = math.tan(math.radians(40.0) / 2)
     xs = (torch.arange(width) + 0.5) / width * 2 - 1
