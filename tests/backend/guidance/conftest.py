@@ -10,6 +10,7 @@ import torch
 from backend.guidance.models import GuidanceModels, load_models
 from backend.guidance.tiny import build_tiny_models
 
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"), seed=0)
