@@ -172,6 +172,9 @@ class StreamConfig:
 
     mesh_every: int = 250
     """A `mesh` event every this many steps (and one at the end of each stage)."""
+    first_mesh_at: int = 50
+    """One early `mesh` event after this many steps of each stage, so the artist sees a shape
+    within the first minute whatever `mesh_every` is (0 disables it)."""
     preview_every: int = 25
     """A PNG preview with `progress` every this many steps."""
     checkpoint_every: int = 200

@@ -550,7 +550,8 @@ class Job:
 
     def _cadence(self, steps: int) -> Cadence:
         stream = self.config.stream
-        return Cadence(steps, stream.mesh_every, stream.preview_every, stream.checkpoint_every)
+        return Cadence(steps, stream.mesh_every, stream.preview_every, stream.checkpoint_every,
+                       stream.first_mesh_at)
 
     def _camera_ranges(self):
         from types import SimpleNamespace

@@ -1,7 +1,7 @@
 """Streaming a job's progress: mesh events, PNG previews and the cadence they follow.
 
-Meshes are emitted every `mesh_every` steps of every stage and at the end of each stage (so a
-short stage still streams its result); previews ride on `progress` every `preview_every` steps.
+Meshes are emitted every `mesh_every` steps of every stage, once early (`first_mesh_at`), and at
+the end of each stage (so a short stage still streams its result); previews ride on `progress` every `preview_every` steps.
 Positions are emitted as they are: our internal frame is Blender's (metres, Z up, the object
 faces -Y, PROTOCOL.md section 8), objects inside the unit box.
 """
@@ -45,11 +45,13 @@ class Cadence:
     """A preview after every this many steps, and after the last step."""
     checkpoint_every: int
     """A checkpoint after every this many steps (the stage start has its own)."""
+    first_mesh_at: int = 0
+    """One early mesh after this many steps (0: none)."""
 
     def mesh_due(self, step: int) -> bool:
         """After 0-based `step`: is a mesh due?"""
         done = step + 1
-        return done % self.mesh_every == 0 or done == self.steps
+        return done % self.mesh_every == 0 or done == self.steps or done == self.first_mesh_at
 
     def preview_due(self, step: int) -> bool:
         done = step + 1

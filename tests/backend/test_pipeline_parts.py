@@ -99,6 +99,8 @@ def test_cadence_streams_every_n_steps_and_at_the_stage_end() -> None:
     assert [s + 1 for s in range(25) if cadence.mesh_due(s)] == [10, 20, 25]
     assert [s + 1 for s in range(25) if cadence.preview_due(s)] == [4, 8, 12, 16, 20, 24, 25]
     assert [s + 1 for s in range(25) if cadence.checkpoint_due(s)] == [10, 20]
+    early = Cadence(steps=600, mesh_every=250, preview_every=25, checkpoint_every=200, first_mesh_at=50)
+    assert [s + 1 for s in range(600) if early.mesh_due(s)] == [50, 250, 500, 600]
 
 
 class _Sink:
