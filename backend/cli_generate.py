@@ -495,68 +495,93 @@ def default_device() -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
+@dataclass
+class CheckedJob:
+    """A command line's job, validated like a `submit`."""
+
+    kind: str
+    """"generate" | "refine_texture"."""
+    params_map: dict[str, Any]
+    """The params as sent (for the job key)."""
+    params: Any
+    """Validated params (protocol.params)."""
+    inputs: dict[str, np.ndarray | bytes]
+    """The buffers."""
+    device: str
+    """The torch device to run on."""
+
+
+def check_job(args: argparse.Namespace) -> CheckedJob:
+    """Every flag checked the way `submit` is checked; raises BadInput naming the flag."""
+    kind = "generate" if args.command == "generate" else "refine_texture"
+    params_map = params_from_args(args)
+    inputs = inputs_from_args(args)
+    params = validate(kind, params_map, inputs)
+    device = args.device or default_device()
+    if device.startswith("cuda") and not cuda_available():
+        raise BadInput("--device", f"{device} asked for, but this machine has no CUDA GPU")
+    if kind == "generate" and params.steps.coarse == 0:
+        raise BadInput("--steps", "coarse=0 leaves nothing to shape the object; "
+                       "only refine skips the coarse stage")
+    return CheckedJob(kind, params_map, params, inputs, device)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Validate the flags, then run the job in `args.out`; returns the exit code."""
-    kind = "generate" if args.command == "generate" else "refine_texture"
+    prog = f"python -m backend {args.command}"
     try:
-        params_map = params_from_args(args)
-        inputs = inputs_from_args(args)
-        params = validate(kind, params_map, inputs)
-        device = args.device or default_device()
-        if device.startswith("cuda") and not cuda_available():
-            raise BadInput("--device", f"{device} asked for, but this machine has no CUDA GPU")
-        if kind == "generate" and params.steps.coarse == 0:
-            raise BadInput("--steps", "coarse=0 leaves nothing to shape the object; "
-                           "only refine skips the coarse stage")
+        job = check_job(args)
     except BadInput as exc:
-        sys.stderr.write(f"python -m backend {args.command}: error: {exc}\n")
+        sys.stderr.write(f"{prog}: error: {exc}\n")
         return EXIT_BAD_INPUT
-    from backend.guidance.errors import GuidanceInputError, ModelLoadError
-    from backend.jobs import JobCancelled
+    from backend.guidance.errors import ModelLoadError
     from backend.pipeline import make_runner
 
-    context = LocalContext(
-        out_dir=Path(args.out),
-        kind=kind,
-        params=params,
-        inputs=inputs,
-        show_progress=not args.no_progress,
-    )
     try:
-        runner = make_runner(args.models, device)
+        runner = make_runner(args.models, job.device)
     except ModelLoadError as exc:
-        sys.stderr.write(f"python -m backend {args.command}: error: --models: {exc}\n")
+        sys.stderr.write(f"{prog}: error: --models: {exc}\n")
         return EXIT_BAD_INPUT
-    context.open(job_key(kind, params_map, inputs))
+    context = LocalContext(out_dir=Path(args.out), kind=job.kind, params=job.params,
+                           inputs=job.inputs, show_progress=not args.no_progress)
+    context.open(job_key(job.kind, job.params_map, job.inputs))
     context.state("running", resumed=context.resumed)
     previous_handler = signal.signal(signal.SIGINT, lambda *_: context.request_cancel())
     try:
-        runner.run(context)
-    except GuidanceInputError as exc:  # the image or prompt, refused by the guidance
-        context.close_bar()
-        context.state("failed", error=str(exc))
-        flag = flag_for_field(f"buffers.{exc.field}" if exc.field == "image" else f"params.{exc.field}")
-        sys.stderr.write(f"python -m backend {args.command}: error: {flag}: {exc.message}\n")
-        return EXIT_BAD_INPUT
-    except JobCancelled:
-        context.close_bar()
-        context.state("cancelled")
-        sys.stderr.write(f"cancelled; rerun the same command to resume from {args.out}\n")
-        return EXIT_CANCELLED
-    except Exception as exc:  # the job failed: say why, keep what was streamed
-        context.close_bar()
-        context.state("failed", error=str(exc))
-        sys.stderr.write(f"python -m backend {args.command}: failed: {exc}\n")
-        return EXIT_FAILED
+        code = run_in_context(runner, context, prog)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-    context.close_bar()
+        context.close_bar()
+    if code == EXIT_OK:
+        sys.stderr.write(f"wrote {context.out_dir / 'model.glb'}\n")
+    return code
+
+
+def run_in_context(runner: Any, context: LocalContext, prog: str) -> int:
+    """Run the job; record how it ended as a `state` event; the exit code."""
+    from backend.guidance.errors import GuidanceInputError
+    from backend.jobs import JobCancelled
+
+    try:
+        runner.run(context)
+    except GuidanceInputError as exc:  # the image or prompt, refused by the guidance
+        context.state("failed", error=str(exc))
+        field = f"buffers.{exc.field}" if exc.field == "image" else f"params.{exc.field}"
+        sys.stderr.write(f"{prog}: error: {flag_for_field(field)}: {exc.message}\n")
+        return EXIT_BAD_INPUT
+    except JobCancelled:
+        context.state("cancelled")
+        sys.stderr.write(f"cancelled; rerun the same command to resume from {context.out_dir}\n")
+        return EXIT_CANCELLED
+    except Exception as exc:  # the job failed: say why, keep what was streamed
+        context.state("failed", error=str(exc))
+        sys.stderr.write(f"{prog}: failed: {exc}\n")
+        return EXIT_FAILED
     if context.result_glb is None:
         context.state("failed", error="the pipeline ended without a final mesh")
         return EXIT_FAILED
     context.state("done")
     context.checkpoint_path.unlink(missing_ok=True)
-    sys.stderr.write(f"wrote {Path(args.out) / 'model.glb'}\n")
     return EXIT_OK
 
 
