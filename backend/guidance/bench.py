@@ -84,19 +84,23 @@ def full_size_models(device: torch.device, dtype: torch.dtype, seed: int = 0):
 
     torch.manual_seed(seed)
 
-    def frozen(module):
-        return module.to(device=device, dtype=dtype).requires_grad_(False).eval()
+    def frozen(module):  # plain nn.Module.to: diffusers' override warns on every dtype cast
+        return torch.nn.Module.to(module, device=device, dtype=dtype).requires_grad_(False).eval()
 
     scheduler = _scheduler()
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    with torch.device(device):  # initialise the random weights where they will live
+        unet_2d, vae_2d = UNet2DConditionModel(**SD21_UNET), AutoencoderKL(**SD_VAE)
+        unet_3d, vae_3d = UNet2DConditionModel(**ZERO123_XL_UNET), AutoencoderKL(**SD_VAE)
+        projection = CCProjection(772, 768)
     prior = Prior2D(
-        name="random SD 2.1 base", kind="latent", unet=frozen(UNet2DConditionModel(**SD21_UNET)),
-        vae=frozen(AutoencoderKL(**SD_VAE)), text_encoder=None, tokenizer=None, scheduler=scheduler,
+        name="random SD 2.1 base", kind="latent", unet=frozen(unet_2d),
+        vae=frozen(vae_2d), text_encoder=None, tokenizer=None, scheduler=scheduler,
         alphas_cumprod_t=alphas, resolution=512, latent_scale=0.18215, device=device, dtype=dtype,
     )
     zero123 = Zero123Model(
-        name="random Zero123-XL", variant="zero123", unet=frozen(UNet2DConditionModel(**ZERO123_XL_UNET)),
-        vae=frozen(AutoencoderKL(**SD_VAE)), image_encoder=None, cc_projection=frozen(CCProjection(772, 768)),
+        name="random Zero123-XL", variant="zero123", unet=frozen(unet_3d),
+        vae=frozen(vae_3d), image_encoder=None, cc_projection=frozen(projection),
         alphas_cumprod_t=alphas, resolution=256, latent_scale=0.18215, clip_size=224,
         clip_mean=(0.48145466, 0.4578275, 0.40821073), clip_std=(0.26862954, 0.26130258, 0.27577711),
         device=device, dtype=dtype,
