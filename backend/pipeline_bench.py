@@ -109,8 +109,9 @@ class BenchContext:
         if event == "mesh" and self.report.first_mesh_s == 0.0:
             self.report.first_mesh_s = now - self.started
         if event in ("stage", "mesh"):  # a running log, so a long run shows where it is
-            what = f"{body['stage']} ({body['steps']} steps)" if event == "stage" else f"mesh at {body['stage']} step {body['step']}"
-            print(f"[{now - self.started:8.1f} s] {event} {what}", file=sys.stderr, flush=True)
+            what = (f"stage {body['stage']} ({body['steps']} steps)" if event == "stage"
+                    else f"mesh at {body['stage']} step {body['step']}")
+            print(f"[{now - self.started:8.1f} s] {what}", file=sys.stderr, flush=True)
         return 0
 
     def progress(self, stage: str, step: int, steps: int, eta_s: float | None = None,
