@@ -69,7 +69,7 @@ class QualityPreset:
     occupancy_resolution: int
     """Cells per axis of the occupancy grid that skips empty space."""
     dmtet_resolution: int
-    """Cubes per axis of the DMTet grid over the scene cube [-1, 1]^3."""
+    """Cubes per axis of the DMTet grid over [-DMTET_BOUND, DMTET_BOUND]^3."""
     dmtet_steps: int
     """DMTet refinement steps."""
     dmtet_views_per_step: int
@@ -89,10 +89,10 @@ class QualityPreset:
 PRESETS: dict[str, QualityPreset] = {
     # CPU test: well under a minute on 2 cores with the PyTorch rasteriser.
     "tiny": QualityPreset(
-        train_views=12, eval_views=3, image_size=64, neus_steps=120, neus_rays=512, neus_samples=32,
+        train_views=12, eval_views=3, image_size=64, neus_steps=80, neus_rays=512, neus_samples=32,
         neus_levels=6, neus_log2_table=14, neus_max_resolution=128, occupancy_resolution=32,
-        dmtet_resolution=40, dmtet_steps=16, dmtet_views_per_step=3, color_steps=60,
-        color_batch=2048, color_levels=6, texture_size=256, metric_points=4000,
+        dmtet_resolution=32, dmtet_steps=30, dmtet_views_per_step=3, color_steps=60,
+        color_batch=1024, color_levels=6, texture_size=256, metric_points=4000,
     ),
     "draft": QualityPreset(
         train_views=24, eval_views=4, image_size=128, neus_steps=1000, neus_rays=2048, neus_samples=64,
@@ -125,6 +125,10 @@ CAMERA_FOV_DEG = 40.0
 """Vertical field of view."""
 BACKGROUND_RGB = (1.0, 1.0, 1.0)
 """Background behind the object in every colour image."""
+DMTET_BOUND = 0.6
+"""Half the side of the cube the DMTet grid covers: the object lies in the unit box [-0.5, 0.5]^3,
+so a grid over [-0.6, 0.6]^3 spends all its cells near it (1/0.6 times finer than over the whole
+scene cube [-1, 1]^3 at the same resolution) with a margin that keeps the surface closed."""
 GT_BATCH = 8
 """Cameras rendered together (bounds the rasteriser's memory at large image sizes)."""
 
@@ -243,9 +247,9 @@ def fit_neus(train: Views, preset: QualityPreset, generator: torch.Generator, de
 def refine_dmtet(field: NeuSField, train: Views, preset: QualityPreset, rasterizer, generator: torch.Generator,
                  device: torch.device, log) -> DMTet:
     """Stage 4: DMTet from the NeuS SDF, refined against masks, depths and normals."""
-    dmtet = DMTet.from_sdf(field, preset.dmtet_resolution, device)
+    dmtet = DMTet.from_sdf(field, preset.dmtet_resolution, device, bound=DMTET_BOUND)
     optimizer = torch.optim.Adam([
-        {"params": [dmtet.sdf], "lr": 1e-3 * 64 / preset.dmtet_resolution},
+        {"params": [dmtet.sdf], "lr": 0.1 * dmtet.grid.cell_size},
         {"params": [dmtet.deform], "lr": 1e-2},
     ])
     report_every = max(preset.dmtet_steps // 5, 1)
@@ -278,11 +282,12 @@ def fit_colors(verts_vx3: Tensor, faces_fx3: Tensor, train: Views, preset: Quali
     # 1. Surface points seen in each training view, and the colour the GT shows there.
     points, targets = [], []
     with torch.no_grad():
-        for index in range(len(train.cameras)):
-            render = render_mesh(rasterizer, verts_vx3, faces_fx3, train.cameras[index])
-            both = (render.rast[..., 3] > 0) & (train.mask[index : index + 1, ..., 0] > 0.5)
+        for first in range(0, len(train.cameras), GT_BATCH):
+            views = slice(first, first + GT_BATCH)
+            render = render_mesh(rasterizer, verts_vx3, faces_fx3, train.cameras[views])
+            both = (render.rast[..., 3] > 0) & (train.mask[views][..., 0] > 0.5)
             points.append(render.xyz[both])
-            targets.append(train.rgb[index : index + 1][both])
+            targets.append(train.rgb[views][both])
     points_nx3, target_nx3 = torch.cat(points), torch.cat(targets)
     # 2. Fit with random batches.
     config = ColorFieldConfig(num_levels=preset.color_levels, log2_hashmap_size=min(preset.neus_log2_table, 19),
@@ -310,8 +315,8 @@ def render_textured(rasterizer, uv_mesh: UVMesh, texture: np.ndarray, cameras: C
     background = torch.tensor(BACKGROUND_RGB, device=device)
     images, masks = [], []
     with torch.no_grad():
-        for index in range(len(cameras)):
-            render = render_mesh(rasterizer, verts_vx3, faces_fx3, cameras[index], vertex_attrs=uvs_vx2)
+        for first in range(0, len(cameras), GT_BATCH):
+            render = render_mesh(rasterizer, verts_vx3, faces_fx3, cameras[first : first + GT_BATCH], vertex_attrs=uvs_vx2)
             hit = render.rast[..., 3] > 0
             rgb = background.expand(*hit.shape, 3).clone()
             rgb[hit] = sample_texture(render.attrs[hit], texture)
@@ -375,12 +380,12 @@ def reconstruct(options: BenchOptions) -> dict:
     lap("render_gt")
     # 3. NeuS; the sphere it starts from is measured first, for comparison.
     sphere_field = NeuSField(NeuSConfig(sphere_radius=0.5), device)
-    sphere_vx3, sphere_fx3 = extract_mesh_from_sdf(sphere_field.sdf, preset.dmtet_resolution, device)
+    sphere_vx3, sphere_fx3 = extract_mesh_from_sdf(sphere_field.sdf, preset.dmtet_resolution, device, DMTET_BOUND)
     field = fit_neus(train, preset, generator, device, log)
     lap("neus")
     # 4. DMTet from the NeuS SDF, refined.
     with torch.no_grad():
-        neus_vx3, neus_fx3 = DMTet.from_sdf(field, preset.dmtet_resolution, device).extract()
+        neus_vx3, neus_fx3 = DMTet.from_sdf(field, preset.dmtet_resolution, device, bound=DMTET_BOUND).extract()
     dmtet = refine_dmtet(field, train, preset, rasterizer, generator, device, log)
     with torch.no_grad():
         final_vx3, final_fx3 = dmtet.extract()
