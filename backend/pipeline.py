@@ -396,7 +396,7 @@ class Job:
         start = self._restore(resume, modules, {"texture": optimiser})
         # A fresh start fits the colour field to what is known: the input texture or NeuS.
         if resume is None:
-            target = self._initial_colors(neus, surface)
+            target = self._initial_colors(neus)
             if target is not None:
                 fit_color_field(color, surface, target, cfg.init_fit_steps, cfg.lr,
                                 self.rasterizer, self.generator, self.device, self.ctx)
@@ -658,12 +658,13 @@ class Job:
                          t_range=cfg.t_range, restore_steps=cfg.restore_steps,
                          finetune_every=cfg.bootstrap_every, finetune_iters=cfg.bootstrap_iters)
 
-    def _initial_colors(self, neus, surface: Surface):
-        """What the colour field starts from: the input texture (refine), NeuS's colours
-        (generate), or nothing."""
+    def _initial_colors(self, neus):
+        """What the colour field starts from: the input texture (refine, when its UVs came with
+        it), NeuS's colours (generate), or nothing."""
         from backend.texture import sample_texture
 
-        if self.mesh_in is not None and self.mesh_in.texture_rgb is not None:
+        mesh = self.mesh_in
+        if mesh is not None and mesh.texture_rgb is not None and mesh.uvs_vx2 is not None:
             texture = self.mesh_in.texture_rgb
             return lambda points_nx3, uvs_nx2: sample_texture(uvs_nx2, texture)
         if neus is not None:
