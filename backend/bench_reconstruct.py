@@ -19,6 +19,7 @@ Run it as `python -m backend.bench reconstruct --mesh PATH ...` (see `backend.be
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
@@ -61,7 +62,7 @@ class QualityPreset:
     neus_samples: int
     """Samples per ray (before occupancy skipping)."""
     neus_levels: int
-    """Hash-grid levels of the NeuS field (finest resolution 2048 / 16 * 2^(levels/...), see grid)."""
+    """Hash-grid levels of the NeuS field (resolutions grow geometrically from 16 to the finest)."""
     neus_log2_table: int
     """log2 of the NeuS hash table rows per level."""
     neus_max_resolution: int
@@ -172,9 +173,11 @@ class Views:
     """[B, H, W, 3] world unit normals, 0 where empty."""
 
     def rgba(self) -> Tensor:
+        """[B, H, W, 4]: colour and mask, as NeuS fitting takes them."""
         return torch.cat([self.rgb, self.mask], dim=-1)
 
     def on_background(self) -> Tensor:
+        """[B, H, W, 3]: the colour composited over `BACKGROUND_RGB`."""
         background = torch.tensor(BACKGROUND_RGB, device=self.rgb.device)
         return self.rgb * self.mask + background * (1.0 - self.mask)
 
@@ -220,14 +223,18 @@ def render_ground_truth(
 # 2. The stages ---------------------------------------------------------------------------------------
 
 
-def fit_neus(train: Views, preset: QualityPreset, generator: torch.Generator, device: torch.device, log) -> NeuSField:
-    """Stage 3: NeuS from the training views' RGBA."""
+def build_neus(preset: QualityPreset, device: torch.device) -> NeuSField:
+    """The NeuS field of the preset's size; it starts as a sphere of radius 0.5."""
     per_level_scale = math.exp(math.log(preset.neus_max_resolution / 16) / max(preset.neus_levels - 1, 1))
     grid = HashGridConfig(
         num_levels=preset.neus_levels, log2_table_size=preset.neus_log2_table, base_resolution=16,
         per_level_scale=per_level_scale, bound=SCENE_BOUND,
     )
-    field = NeuSField(NeuSConfig(grid=grid, sphere_radius=0.5), device)
+    return NeuSField(NeuSConfig(grid=grid, sphere_radius=0.5), device)
+
+
+def fit_neus(field: NeuSField, train: Views, preset: QualityPreset, generator: torch.Generator, device: torch.device, log) -> None:
+    """Stage 3: fit NeuS to the training views' RGBA."""
     occupancy = OccupancyGrid(preset.occupancy_resolution, SCENE_BOUND, device, update_every=16)
     config = FitConfig(
         steps=preset.neus_steps, rays_per_step=preset.neus_rays, num_samples=preset.neus_samples,
@@ -241,7 +248,6 @@ def fit_neus(train: Views, preset: QualityPreset, generator: torch.Generator, de
                 + f" inv_s {field.inv_s.item():.0f} occupied {occupancy.occupied_fraction():.3f}")
 
     fit_to_images(field, train.cameras, train.rgba(), config, generator, occupancy, on_step)
-    return field
 
 
 def refine_dmtet(field: NeuSField, train: Views, preset: QualityPreset, rasterizer, generator: torch.Generator,
@@ -326,6 +332,7 @@ def render_textured(rasterizer, uv_mesh: UVMesh, texture: np.ndarray, cameras: C
 
 
 def mesh_metrics(verts_vx3: Tensor, faces_fx3: Tensor, gt_vx3: Tensor, gt_fx3: Tensor, preset: QualityPreset, seed: int) -> MeshMetrics:
+    """Chamfer, F-score and normal consistency of a mesh against the ground truth."""
     return chamfer_and_fscore(verts_vx3.detach(), faces_fx3, gt_vx3, gt_fx3, n_points=preset.metric_points, seed=seed,
                               device=verts_vx3.device)
 
@@ -348,8 +355,6 @@ def _synced_time(device: torch.device) -> float:
 
 def reconstruct(options: BenchOptions) -> dict:
     """Run the seven steps; returns the result dict (also written to out_dir/result.json)."""
-    import json
-
     device, preset, log = options.device, options.preset, options.log
     torch.manual_seed(options.seed)
     generator = torch.Generator(device="cpu").manual_seed(options.seed)
@@ -379,9 +384,9 @@ def reconstruct(options: BenchOptions) -> dict:
     held_out = render_ground_truth(rasterizer, gt_vx3, gt_fx3, uvs_fx3x2, options.texture_rgb, eval_cams)
     lap("render_gt")
     # 3. NeuS; the sphere it starts from is measured first, for comparison.
-    sphere_field = NeuSField(NeuSConfig(sphere_radius=0.5), device)
-    sphere_vx3, sphere_fx3 = extract_mesh_from_sdf(sphere_field.sdf, preset.dmtet_resolution, device, DMTET_BOUND)
-    field = fit_neus(train, preset, generator, device, log)
+    field = build_neus(preset, device)
+    sphere_vx3, sphere_fx3 = extract_mesh_from_sdf(field.sdf, preset.dmtet_resolution, device, DMTET_BOUND)
+    fit_neus(field, train, preset, generator, device, log)
     lap("neus")
     # 4. DMTet from the NeuS SDF, refined.
     with torch.no_grad():
