@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = asdict(report)
         for stage in payload["stages"]:
             stage.pop("_step_times", None)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
