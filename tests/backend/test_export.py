@@ -108,6 +108,8 @@ def test_writers_reject_bad_arrays(tmp_path: Path) -> None:
         write_glb(None, verts, np.array([[0, 1, 5]]))
     with pytest.raises(ValueError, match=r"uvs must be per vertex \[V, 2\] = \[3, 2\], got \[1, 3, 2\]"):
         write_glb(None, verts, faces, uvs=np.zeros((1, 3, 2)))
+    with pytest.raises(ValueError, match="either uvs .* or vertex_colors, not both"):
+        write_glb(None, verts, faces, uvs=np.zeros((3, 2)), vertex_colors=np.ones((3, 3)))
     with pytest.raises(ValueError, match="texture_rgb needs uvs"):
         write_obj(tmp_path / "a.obj", verts, faces, texture_rgb=np.zeros((4, 4, 3), np.uint8))
 
