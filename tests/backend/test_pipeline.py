@@ -205,6 +205,29 @@ def test_a_diverging_job_fails_with_a_reason_and_keeps_its_meshes(tmp_path: Path
     assert all((tmp_path / e["file"]).exists() for e in events if e["event"] == "mesh")
 
 
+class OutOfMemoryContext(StoppingContext):
+    """Raises the CUDA allocator's error during the geometry stage, as a GPU that runs out would
+    (there is no GPU here to run out for real)."""
+
+    def progress(self, stage, step, steps, eta_s=None, losses=None, preview_png=None) -> None:
+        super().progress(stage, step, steps, eta_s, losses, preview_png)
+        if (stage, step) == ("geometry", 1):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_fails_with_the_settings_to_lower(tmp_path: Path, runner) -> None:
+    params = {"prompt": "a cat", "steps": {"coarse": 1, "geometry": 3}, "texture_size": 2048}
+    inputs: dict = {}
+    ctx = OutOfMemoryContext(out_dir=tmp_path, kind="generate", params=validate_submit("generate", params, inputs),
+                             inputs=inputs, show_progress=False)
+    ctx.steps_seen, ctx.stop_at = [], ("none", -1)
+    ctx.open("oom")
+    with pytest.raises(JobFailed, match=r"ran out of memory in the geometry stage \(quality tiny, "
+                                        r"32x32 renders, texture 2048\); try quality draft"):
+        runner.run(ctx)
+    assert any(e["event"] == "mesh" and e["stage"] == "coarse" for e in read_events(tmp_path))
+
+
 def test_a_killed_cli_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "job"
     command = [sys.executable, "-m", "backend", "generate", "--prompt", "a cat",
