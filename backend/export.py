@@ -65,8 +65,6 @@ def _check_mesh_arrays(
             raise ValueError("texture_rgb needs uvs")
         if np.asarray(texture_rgb).dtype != np.uint8 or np.ndim(texture_rgb) != 3 or np.shape(texture_rgb)[2] != 3:
             raise ValueError(f"texture_rgb must be uint8 [H, W, 3], got {list(np.shape(texture_rgb))}")
-    if vertex_colors is not None and uvs_vx2 is not None:
-        raise ValueError("give either uvs (with texture_rgb) or vertex_colors, not both")
     if vertex_colors is not None and np.shape(vertex_colors)[0] != len(verts_vx3):
         raise ValueError(f"vertex_colors must have one row per vertex ({len(verts_vx3)}), got {list(np.shape(vertex_colors))}")
     return verts_vx3, faces_fx3.astype(np.int64)
@@ -84,7 +82,8 @@ def write_glb(
 
     verts [V, 3] (Z-up world), faces [F, 3] int, uvs [V, 2] (bottom-left origin),
     texture_rgb uint8 [H, W, 3] (becomes the PBR material's base colour texture, a PNG),
-    vertex_colors [V, 3|4] float in [0, 1] or uint8 (COLOR_0).
+    vertex_colors [V, 3|4] float in [0, 1] or uint8 (COLOR_0), written only when there are no
+    uvs: a textured material takes precedence (a mesh event may carry both).
     """
     import trimesh
     from PIL import Image

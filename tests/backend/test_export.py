@@ -86,6 +86,11 @@ def test_glb_with_vertex_colors(tmp_path: Path) -> None:
     write_glb(tmp_path / "box.glb", box.vertices, box.faces, vertex_colors=colors)
     loaded = trimesh.load(tmp_path / "box.glb", force="mesh", process=False)
     np.testing.assert_array_equal(loaded.visual.vertex_colors[:, :3], np.round(colors * 255).astype(np.uint8))
+    # With UVs as well, the textured material wins.
+    uvs = np.random.default_rng(1).random((len(box.vertices), 2))
+    write_glb(tmp_path / "both.glb", box.vertices, box.faces, uvs=uvs, texture_rgb=np.zeros((2, 2, 3), np.uint8), vertex_colors=colors)
+    both = trimesh.load(tmp_path / "both.glb", force="mesh", process=False)
+    np.testing.assert_allclose(both.visual.uv, uvs, atol=1e-6)
 
 
 def test_obj_with_mtl_loads_in_trimesh_and_our_loader(textured_spot, tmp_path: Path) -> None:
@@ -108,8 +113,6 @@ def test_writers_reject_bad_arrays(tmp_path: Path) -> None:
         write_glb(None, verts, np.array([[0, 1, 5]]))
     with pytest.raises(ValueError, match=r"uvs must be per vertex \[V, 2\] = \[3, 2\], got \[1, 3, 2\]"):
         write_glb(None, verts, faces, uvs=np.zeros((1, 3, 2)))
-    with pytest.raises(ValueError, match="either uvs .* or vertex_colors, not both"):
-        write_glb(None, verts, faces, uvs=np.zeros((3, 2)), vertex_colors=np.ones((3, 3)))
     with pytest.raises(ValueError, match="texture_rgb needs uvs"):
         write_obj(tmp_path / "a.obj", verts, faces, texture_rgb=np.zeros((4, 4, 3), np.uint8))
 
