@@ -203,13 +203,14 @@ def _read_obj(path: Path, *, triangulate: bool) -> LoadedMesh:
             texcoords.append(_obj_floats(parts[1:], 2, 1, "texture coordinate", path, line_no))
         elif tag == "mtllib" and len(parts) > 1:
             material_lib = path.parent / " ".join(parts[1:])
-    # Pass 2: faces.
+    # Pass 2: faces (numbered from 0 in file order for messages).
+    face_no = -1
     for line_no, line in enumerate(text.splitlines(), start=1):
         parts = line.split()
         if not parts or parts[0] != "f":
             continue
         corners = parts[1:]
-        face_no = len(faces)
+        face_no += 1
         if len(corners) < 3:
             raise MeshError(path, f"face {face_no} (line {line_no}) has {len(corners)} corners, need 3")
         if len(corners) > 3 and not triangulate:
@@ -262,7 +263,7 @@ def _obj_corner_uvs(path: Path, texcoords: list[list[float]], face_uvs: list[lis
         return None
     if len(with_uvs) != len(face_uvs):
         first = next(i for i, uv in enumerate(face_uvs) if uv is None)
-        raise MeshError(path, f"face {first} has no texture coordinates but other faces do")
+        raise MeshError(path, f"triangle {first} has no texture coordinates but other faces do")
     table_tx2 = np.asarray(texcoords, dtype=np.float32)[:, :2]
     return table_tx2[np.asarray(face_uvs, dtype=np.int64)]
 
