@@ -79,6 +79,11 @@ def test_glb_round_trip_keeps_positions_uvs_and_texture(tmp_path: Path) -> None:
             "v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nf 1/1 2/2 3/3\n",
             r"uvrange\.obj: face 0 \(line 5\) has texture coordinate index 2 but the mesh has 1 texture",
         ),
+        (
+            "mixed.obj",
+            "v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nf 1/1 2/1 3/1\nf 1 2 3\n",
+            r"mixed\.obj: triangle 1 has no texture coordinates but other faces do",
+        ),
         ("nan.obj", "v 0 0 nan\nv 1 0 0\nv 0 1 0\nf 1 2 3\n", r"nan\.obj: vertex\[0, 2\] is nan"),
         ("text.obj", "v 0 zero 0\n", r"text\.obj: line 1: vertex has a non-number"),
         ("bad.glb", "not a glb at all", r"bad\.glb: cannot parse as glTF"),
