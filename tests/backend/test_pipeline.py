@@ -161,6 +161,9 @@ def test_cancel_stops_within_one_step(tmp_path: Path, runner) -> None:
         runner.run(ctx)
     assert [step for stage, step, _ in ctx.steps_seen] == [1, 2, 3]
     assert ctx.result_glb is None
+    # A text-only job runs no image-conditioned guidance.
+    losses = ctx.steps_seen[0][2]
+    assert "sds" in losses and not {"sds_3d", "ref_rgb", "ref_mask"} & set(losses), losses
 
 
 def test_a_job_resumed_mid_stage_continues_exactly_where_it_stopped(tmp_path: Path, runner) -> None:
@@ -265,4 +268,20 @@ def test_a_killed_cli_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert resumed_stages in (["geometry", "texture"], ["texture"]), \
         f"the run did not resume from its checkpoint: stages {resumed_stages}"
     assert after[-1]["state"] == "done"
+    assert_textured_glb(out / "model.glb")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_with_an_image_on_cuda_ends_textured(tmp_path: Path) -> None:
+    """The CUDA paths together (nvdiffrast, the Triton hash grid, float16 guidance, the device
+    generator): the tiny models on the GPU, through the command line."""
+    out = tmp_path / "gpu"
+    image = reference_png(tmp_path / "ref.png")
+    code = main(["generate", "--prompt", "a red ball", "--image", str(image), "--steps",
+                 "coarse=4,geometry=2,texture=2", "--models", "tiny", "--device", "cuda",
+                 "--texture-size", "256", "--no-progress", "--out", str(out)])
+    assert code == 0
+    events = read_events(out)
+    assert [e["stage"] for e in events if e["event"] == "stage"] == ["coarse", "geometry", "texture"]
     assert_textured_glb(out / "model.glb")
