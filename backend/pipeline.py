@@ -135,8 +135,8 @@ class Job:
         self.config = config
         self.guidance = guidance
         self.device = device
-        # Cameras, backgrounds and ray jitter draw on the CPU (same numbers on every device);
-        # the guidance draws timesteps and noise on the device it runs on.
+        # Cameras and backgrounds draw on the CPU (the same views on every device); ray jitter
+        # and the guidance's timesteps and noise draw on the device they are used on.
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.device_generator = self.generator
         if device.type != "cpu":
@@ -221,7 +221,7 @@ class Job:
             anneal = cos_anneal(step, cfg.cos_anneal_steps)
             background = torch.rand(3, generator=self.generator).to(self.device)
             out = render_neus(neus, cams, background, cfg.num_samples, cos_anneal_ratio=anneal,
-                              occupancy=occupancy, stratified=True, generator=self.generator)
+                              occupancy=occupancy, stratified=True, generator=self.device_generator)
             # 4. Hybrid SDS at annealed timesteps (2D prior + mu * Zero123 with an image).
             losses = {}
             sds, info = hybrid.loss(out["rgb"], cams.elevation_deg_b, cams.azimuth_deg_b,
