@@ -169,3 +169,12 @@ def test_hub_download_patterns_pick_safetensors_then_bin(tmp_path):
     (tmp_path / "vae" / "config.json").write_text("{}")
     (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     assert _subfolders_without_weights(tmp_path, ["unet", "vae"]) == ["unet"]
+
+
+def test_package_import_is_light():
+    code = ("import sys, backend.guidance\n"
+            "heavy = [m for m in ('diffusers', 'transformers', 'torch', 'peft') if m in sys.modules]\n"
+            "print(','.join(heavy))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
