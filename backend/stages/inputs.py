@@ -38,7 +38,7 @@ def decode_png_rgb(data: bytes, field: str) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(bytes(data))) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))  # a writable copy (torch warns on read-only)
     except Exception as exc:  # PIL raises several types for a broken file
         raise ValueError(f"{field}: the image cannot be decoded ({exc})") from exc
 
