@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 
 from backend.bench import main
@@ -26,12 +27,16 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @pytest.mark.slow
-def test_tiny_reconstruction_of_spot_beats_the_initial_sphere(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])])
+def test_tiny_reconstruction_of_spot_beats_the_initial_sphere(tmp_path: Path, device: str) -> None:
     out = tmp_path / "spot"
     result = run_bench(
         "--mesh", str(MESHES / "spot.obj"), "--texture", str(MESHES / "spot_texture.png"),
-        "--quality", "tiny", "--device", "cpu", "--out", str(out),
+        "--quality", "tiny", "--device", device, "--out", str(out),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
@@ -100,7 +105,7 @@ def test_bad_input_exits_2_naming_the_file_or_flag(
     assert len(err) == 1 and message in err[0], err
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_a_gpu_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "t.obj").write_text(TRIANGLE)
     assert main(["reconstruct", "--mesh", str(tmp_path / "t.obj"), "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
