@@ -395,8 +395,9 @@ def hub_reachable(endpoint: str, timeout_s: float) -> bool:
     import urllib.error
     import urllib.request
 
+    request = urllib.request.Request(endpoint.rstrip("/") + "/", method="HEAD")
     try:
-        with urllib.request.urlopen(f"{endpoint.rstrip('/')}/api/models", timeout=timeout_s):
+        with urllib.request.urlopen(request, timeout=timeout_s):
             return True
     except urllib.error.HTTPError:
         return True  # it answered
