@@ -178,3 +178,35 @@ def test_package_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.timeout(60)
+def test_hub_that_answers_404_gives_one_sentence(tmp_path, monkeypatch):
+    """A reachable hub that knows no such repository (a real local HTTP server answering 404)."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(b'{"error": "Repository not found"}')
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        error = _load_hub_id_from(f"http://127.0.0.1:{server.server_address[1]}", tmp_path, monkeypatch)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert error.role == "prior2d" and "'dreamloom-test/not-a-model'" in str(error)
+    assert "does not exist on http://127.0.0.1" in str(error) and "\n" not in str(error)
