@@ -44,8 +44,7 @@ def pinned_requirements() -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     requirements = list(project["dependencies"]) + extras["test"] + extras["blender"]
-    if has_nvidia_gpu():
-        requirements += extras["gpu"]
+    requirements += extras["gpu"] if has_nvidia_gpu() else extras["cpu"]
     return requirements
 
 
