@@ -211,9 +211,8 @@ class Job:
             # 1. Stop here if the job was cancelled.
             self.ctx.check_cancelled()
             # 2. Random views, widening from the reference view to the full ranges.
-            widen = 1.0 if self.reference is None else min(1.0, step / max(1.0, cfg.widen_fraction * cfg.steps))
-            cams = sample_cameras(ranges, cfg.batch, cfg.render_res, cfg.render_res, widen,
-                                  self.generator, self.device)
+            cams = sample_cameras(ranges, cfg.batch, cfg.render_res, cfg.render_res,
+                                  self._widen(step), self.generator, self.device)
             # 3. Volume-render the field (a random background keeps it from painting the sky).
             neus.update_step(step)
             if occupancy is not None:
@@ -566,6 +565,14 @@ class Job:
             distance=camera.distance,
             fov_deg=camera.fov_deg,
         ))
+
+    def _widen(self, step: int) -> float:
+        """Progressive view training: 0 (the reference view) to 1 (the full ranges) over the
+        first `widen_fraction` of the coarse stage; text-only jobs use the full ranges."""
+        cfg = self.config.coarse
+        if self.reference is None:
+            return 1.0
+        return min(1.0, step / max(1.0, cfg.widen_fraction * cfg.steps))
 
     def _reference_camera(self, ranges):
         """The reference view at the reference image's own size."""
