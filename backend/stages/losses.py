@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backend.cameras import SCENE_BOUND
 
 
 def sum_losses(terms: dict[str, tuple[float, Tensor]]) -> tuple[Tensor, dict[str, float]]:

@@ -5,7 +5,6 @@ CLI process killed in the geometry stage that resumes from its checkpoint."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import signal
