@@ -1,6 +1,6 @@
 """The pipeline's own loss terms and render helpers (the guidance losses live in
-`backend.guidance`): weighted sums, eikonal, normal shading, normal consistency, reference-view
-terms on mesh renders, colour-field renders and the colour field's initial fit."""
+`backend.guidance`): weighted sums, normal shading, normal consistency, view-axis depth, the
+reference-view terms of any render, colour-field renders and the colour field's initial fit."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 
 
 def sum_losses(terms: dict[str, tuple[float, Tensor]]) -> tuple[Tensor, dict[str, float]]:
