@@ -41,6 +41,11 @@ class JobInterrupted(JobCancelled):
     store and resumes from its newest checkpoint at the next start."""
 
 
+class JobFailed(RuntimeError):
+    """The job cannot go on; the message says why in words an artist can act on, and is shown
+    as it is (no exception type in front)."""
+
+
 class RunnerError(Exception):
     """A runner used the context wrongly (the message names the field and value)."""
 

@@ -29,12 +29,9 @@ import torch
 from torch import Tensor
 
 from backend.config import STAGES, PipelineConfig, config_for_job
+from backend.jobs import JobFailed
 from backend.stages import checkpoint as ckpt
 from backend.stages.stream import Cadence, emit_mesh, preview_png
-
-
-class JobFailed(RuntimeError):
-    """The job cannot go on; the message says why in words an artist can act on."""
 
 
 # 1. The runner the server and the CLI share ------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import zmq
 
-from backend.jobs import JobCancelled, JobContext, JobHooks, JobInterrupted, JobRunner
+from backend.jobs import JobCancelled, JobContext, JobFailed, JobHooks, JobInterrupted, JobRunner
 from backend.store import FINISHED_STATES, JobRecord, JobStore, StoredEvent
 from protocol import messages as pm
 from protocol.codec import ProtocolError
@@ -515,6 +515,8 @@ class Server:
             return "cancelled", None
         except Exception as exc:
             log.error("job %s failed:\n%s", ctx.job_id, traceback.format_exc())
+            if isinstance(exc, JobFailed):
+                return "failed", _one_line(exc)
             return "failed", f"{type(exc).__name__}: {_one_line(exc)}"
         if not ctx.has_result:
             return "failed", "the runner returned without handing over the final GLB (ctx.set_result)"

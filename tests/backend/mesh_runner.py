@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import msgpack
 import numpy as np
 
-from backend.jobs import JobContext
+from backend.jobs import JobContext, JobFailed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MESHES_DIR = REPO_ROOT / ".." / "shared" / "meshes"
@@ -102,6 +102,8 @@ class MeshRunner:
     def run(self, ctx: JobContext) -> None:
         # 1. The mesh to stream: the one sent (refine) or the one the prompt names.
         prompt = ctx.params.prompt
+        if "refuse" in prompt:
+            raise JobFailed(f"the mesh runner refuses the prompt {prompt!r}; change it")
         if "fail" in prompt:
             raise RuntimeError(f"the mesh runner was asked to fail by the prompt {prompt!r}\nsecond line")
         verts_vx3, faces_fx3 = self._mesh(ctx)

@@ -267,6 +267,15 @@ def test_failing_runner_fails_only_its_job(start: Any) -> None:
     assert collect_until_final(client, fine)[-1].body["state"] == "done"
 
 
+def test_job_failed_reason_reaches_the_artist_as_written(start: Any) -> None:
+    server = start(MeshRunner(steps_per_stage=2))
+    client = start.client(server.address)
+    refused = submit(client, "please refuse")
+    failed = collect_until_final(client, refused)[-1].body
+    assert failed == {"event": "state", "state": "failed",
+                      "error": "the mesh runner refuses the prompt 'please refuse'; change it"}
+
+
 class _BrokenModelsRunner(MeshRunner):
     """A runner whose `models` attribute is broken: answering `hello` faults inside the server."""
 
