@@ -2,6 +2,8 @@
 
     python -m backend.guidance.bench --device cuda            full-size, float16 (the GPU numbers)
     python -m backend.guidance.bench --device cpu --tiny      the tiny models (proves the script runs)
+    python -m backend.guidance.bench --device cpu --dtype bfloat16 --warmup 0 --repeats 1
+                                                              full size on the CPU (checks the shapes)
 
 Full size means the real architectures' configs with random weights (no download): the SD 2.1
 base UNet (4→4 channels, widths 320/640/1280/1280, heads of 5/10/20/20 channels... as in its
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -156,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.tiny:
         models, embeddings, reference = tiny_setup(device)
     else:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
         models, embeddings, reference = full_size_models(device, dtype)
     generator = torch.Generator(device).manual_seed(0)
     batch, res = args.batch, args.render_res
@@ -225,11 +228,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-iters", type=int, default=20, help="LoRA updates per DreamBooth round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (default 5)")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                        help="full-size weights' dtype (default float16 on CUDA, float32 on the CPU)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu --tiny")
+    if args.tiny and args.dtype:
+        parser.error("--dtype applies to the full-size models only; the tiny ones load in the loader's dtype")
     if not args.tiny and not args.device.startswith("cuda"):
-        parser.error("full-size models need a GPU: pass --device cuda, or --tiny for the CPU")
+        print("python -m backend.guidance.bench: full-size models on the CPU take minutes per step and "
+              "about 8 GB in bfloat16; the times say nothing about a GPU", file=sys.stderr)
     print(json.dumps(run(args), indent=2))
 
 

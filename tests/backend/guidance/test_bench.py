@@ -27,7 +27,10 @@ def test_tiny_bench_prints_one_json_object(capsys, tmp_path, monkeypatch, tiny_f
     assert result["hybrid_peak_mib"] is None
 
 
-def test_full_size_needs_a_gpu(capsys):
+def test_bad_flags_are_refused(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--device", "cpu"])
-    assert "full-size models need a GPU" in capsys.readouterr().err
+        bench.main(["--device", "cpu", "--tiny", "--dtype", "float16"])
+    assert "--dtype applies to the full-size models only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
