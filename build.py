@@ -4,6 +4,8 @@
     python build.py setup            create .venv and install the pinned dependencies
     python build.py test [ARGS]      set up, then run the whole test suite (ARGS go to pytest)
     python build.py serve [FLAGS]    set up, then start the backend (FLAGS go to `backend serve`)
+    python build.py gpu-bench        on a CUDA machine: the GPU tests and every GPU benchmark,
+                                     logs and JSON in out/gpu-bench/ (numbers for docs/benchmarks.md)
     python build.py addon            build the Blender extension: dist/dreamloom-<version>.zip
     python build.py demo [--models tiny|default]
                                      set up, build the extension, install it into the bpy module,
@@ -147,12 +149,55 @@ def demo(python: Path, args: list[str]) -> int:
                         "--out", str(ROOT / "out"), "--python", str(python), *args])
 
 
+MESHES = ROOT.parent / "shared" / "meshes"
+GPU_BENCH = (
+    ("cuda-tests", ["-m", "pytest", "-q", "-ra", "-m", "cuda", "tests"]),
+    ("hashgrid", ["-m", "backend.hashgrid", "--bench", "--device", "cuda", "--points", "262144"]),
+    ("neus", ["-m", "backend.neus", "--bench", "--device", "cuda", "--rays", "4096", "--samples", "64"]),
+    ("raster-nvdiffrast", ["-m", "backend.raster", "bench", "--device", "cuda", "--kind", "nvdiffrast"]),
+    ("raster-torch", ["-m", "backend.raster", "bench", "--device", "cuda", "--kind", "torch"]),
+    ("dmtet", ["-m", "backend.dmtet", "bench", "--device", "cuda", "64", "128", "256"]),
+    ("guidance", ["-m", "backend.guidance.bench", "--device", "cuda"]),
+    ("reconstruct-spot", ["-m", "backend.bench", "reconstruct", "--mesh", str(MESHES / "spot.obj"),
+                          "--texture", str(MESHES / "spot_texture.png"), "--device", "cuda",
+                          "--quality", "standard", "--out", "out/gpu-bench/spot"]),
+    ("reconstruct-bunny", ["-m", "backend.bench", "reconstruct", "--mesh", str(MESHES / "stanford-bunny.obj"),
+                           "--device", "cuda", "--quality", "standard", "--out", "out/gpu-bench/bunny"]),
+    ("reconstruct-teapot", ["-m", "backend.bench", "reconstruct", "--mesh", str(MESHES / "teapot.obj"),
+                            "--device", "cuda", "--quality", "standard", "--out", "out/gpu-bench/teapot"]),
+    ("pipeline", ["-m", "backend.pipeline_bench", "--device", "cuda", "--quality", "standard",
+                  "--json", "out/gpu-bench/pipeline.json"]),
+)
+"""The GPU checks and benchmarks whose numbers docs/benchmarks.md records, in order."""
+
+
+def gpu_bench(python: Path) -> int:
+    """Run every entry of GPU_BENCH, each logged to out/gpu-bench/<name>.log; go on past failures."""
+    out = ROOT / "out" / "gpu-bench"
+    out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name, args in GPU_BENCH:
+        print(f"build.py: gpu-bench {name}: python {' '.join(args)}", flush=True)
+        with (out / f"{name}.log").open("w") as log:
+            code = subprocess.run([str(python), *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT))).returncode
+        last = (out / f"{name}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+        print(f"    exit {code}: {last[0][:300]}", flush=True)
+        if code != 0:
+            failed.append(name)
+    print(f"build.py: gpu-bench wrote {out.relative_to(ROOT)}/; failed: {', '.join(failed) or 'none'}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str]) -> int:
-    commands = ("setup", "test", "serve", "addon", "demo")
+    commands = ("setup", "test", "serve", "addon", "demo", "gpu-bench")
     if not argv or argv[0] not in commands:
         print(__doc__.strip())
         return 2
     command, rest = argv[0], argv[1:]
+    if command == "gpu-bench" and not has_nvidia_gpu():
+        print("build.py: gpu-bench needs an NVIDIA GPU (nvidia-smi not found)", file=sys.stderr)
+        return 2
     python = setup()
     if command == "setup":
         return 0
@@ -165,6 +210,8 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "demo":
         return demo(python, rest)
+    if command == "gpu-bench":
+        return gpu_bench(python)
     raise AssertionError(command)
 
 
