@@ -572,19 +572,25 @@ class Job:
         return min(1.0, step / max(1.0, cfg.widen_fraction * cfg.steps))
 
     def _reference_camera(self, ranges):
-        """The reference view at the reference image's own size."""
+        """The reference view at the coarse render size (every stage; the reference-view losses
+        resize the reference image to it)."""
         from backend.cameras import reference_camera
 
-        size = int(self.reference.rgb_hxwx3.shape[0])
+        size = self.config.coarse.render_res
         return reference_camera(ranges, size, size, self.device)
 
     def _prepare_reference(self):
-        """The reference image at the guidance's working size, or None for text-only jobs."""
+        """The reference image, or None for text-only jobs. Prepared once, at the larger of
+        Zero123's input size and the coarse render size: Zero123 encodes it as it is, the
+        reference-view losses resize it to the reference view's render."""
         if "image" not in self.ctx.inputs:
             return None
         from backend.guidance.reference import prepare_reference
 
-        return prepare_reference(self.ctx.inputs["image"], size=self.config.coarse.render_res,
+        size = self.config.coarse.render_res
+        if self.guidance.zero123 is not None:
+            size = max(size, self.guidance.zero123.resolution)
+        return prepare_reference(self.ctx.inputs["image"], size=size,
                                  models=self.guidance, device=self.device)
 
     def _zero123_reference(self):
