@@ -115,12 +115,25 @@ def use_local_backend(store: Path) -> None:
     prefs.backend_device = "cpu"
 
 
-def scenario_generate(args) -> dict:
-    install(args.zip)
+def connect(args, timeout_s: float = 30.0) -> None:
+    """LOCAL mode with the tiny models when --local-store is given, else the server at --address."""
     if args.local_store:
         use_local_backend(args.local_store)
     else:
-        use_backend(args.address, timeout_s=30.0)
+        use_backend(args.address, timeout_s=timeout_s)
+
+
+def stop_local_backend() -> dict:
+    """Stop Backend; the local process's exit status and the last lines of its log."""
+    runtime = sys.modules[f"{MODULE}.runtime"]
+    process = runtime.STATE.local.process
+    bpy.ops.dreamloom.stop_backend()
+    return {"local_backend_exit": process.poll(), "local_backend_log": runtime.local_backend_log(200)}
+
+
+def scenario_generate(args) -> dict:
+    install(args.zip)
+    connect(args)
     settings = bpy.context.scene.dreamloom
     settings.prompt = "panel prompt, overridden"
     settings.texture_size = "256"
@@ -164,25 +177,58 @@ def scenario_generate(args) -> dict:
     if args.save:
         bpy.ops.wm.save_as_mainfile(filepath=str(args.save))
     if args.local_store:
-        runtime = sys.modules[f"{MODULE}.runtime"]
-        process = runtime.STATE.local.process
-        bpy.ops.dreamloom.stop_backend()
-        result["local_backend_exit"] = process.poll()
-        result["local_backend_log"] = runtime.local_backend_log(200)
+        result.update(stop_local_backend())
     return result
 
 
+def vertex_positions(obj) -> list[float]:
+    co = [0.0] * (3 * len(obj.data.vertices))
+    obj.data.vertices.foreach_get("co", co)
+    return co
+
+
+def base_color_image(obj) -> dict:
+    """What feeds the active material's Principled BSDF base colour: an image node and its UV map."""
+    material = obj.active_material
+    bsdf = next((n for n in material.node_tree.nodes if n.type == "BSDF_PRINCIPLED"), None) if material else None
+    if bsdf is None or not bsdf.inputs["Base Color"].is_linked:
+        return {"base_color_node": None}
+    node = bsdf.inputs["Base Color"].links[0].from_node
+    uv_nodes = [link.from_node for link in node.inputs["Vector"].links] if node.type == "TEX_IMAGE" else []
+    return {"base_color_node": node.type,
+            "base_color_image_packed": bool(node.type == "TEX_IMAGE" and node.image and node.image.packed_file),
+            "base_color_uv_map": uv_nodes[0].uv_map if uv_nodes and uv_nodes[0].type == "UVMAP" else None}
+
+
 def scenario_refine(args) -> dict:
+    """Refine texture on the active mesh (an imported OBJ); its geometry before and after, its
+    material; with --save, the .blend saved and reopened."""
     install(args.zip)
-    use_backend(args.address, timeout_s=30.0)
+    connect(args)
     bpy.ops.wm.obj_import(filepath=str(args.mesh))
     obj = bpy.context.selected_objects[0]
     bpy.context.view_layer.objects.active = obj
-    before = {"verts": len(obj.data.vertices), "loops": len(obj.data.loops), "uv_maps": [l.name for l in obj.data.uv_layers]}
+    before = {"verts": len(obj.data.vertices), "loops": len(obj.data.loops), "uv_maps": [l.name for l in obj.data.uv_layers],
+              "material": obj.active_material.name if obj.active_material else None}
+    positions_before = vertex_positions(obj)
     bpy.ops.dreamloom.refine_texture(prompt=args.prompt, steps=args.steps)
     bpy.ops.dreamloom.sync(timeout=args.timeout)
-    return {"before": before, "after_verts": len(obj.data.vertices), "after_loops": len(obj.data.loops),
-            "job_state": scene_job().state, "job_kind": scene_job().kind, **material_summary(obj)}
+    positions_after = vertex_positions(obj)
+    result = {"before": before, "after_verts": len(obj.data.vertices), "after_loops": len(obj.data.loops),
+              "max_position_change": max((abs(a - b) for a, b in zip(positions_before, positions_after)), default=0.0),
+              "job_state": scene_job().state, "job_kind": scene_job().kind, "job_error": scene_job().error,
+              "active_uv_map": obj.data.uv_layers.active.name if obj.data.uv_layers.active else None,
+              **material_summary(obj), **base_color_image(obj)}
+    if args.local_store:
+        result.update(stop_local_backend())
+    if args.save:
+        name = obj.name
+        bpy.ops.wm.save_as_mainfile(filepath=str(args.save))
+        bpy.ops.wm.open_mainfile(filepath=str(args.save))
+        reopened = bpy.data.objects[name]
+        result["reopened"] = {"verts": len(reopened.data.vertices), **material_summary(reopened),
+                              **base_color_image(reopened)}
+    return result
 
 
 def scenario_cancel(args) -> dict:

@@ -55,6 +55,17 @@ def blender(scenario: str, addon_zip: Path, tmp_path: Path, *args: str, timeout_
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def blender_local(scenario: str, addon_zip: Path, tmp_path: Path, *args: str) -> dict:
+    """A scenario in LOCAL mode: the add-on starts the real backend itself (`python -m backend
+    serve --models tiny --device cpu`, the real pipeline with tiny random models) and the scenario
+    stops it at the end; checks that it did."""
+    result = blender(scenario, addon_zip, tmp_path, "--local-store", str(tmp_path / "store"), *args,
+                     "--timeout", "240", timeout_s=300)
+    assert result["local_backend_exit"] is not None  # Stop Backend ended the process
+    assert any("listening on" in line for line in result["local_backend_log"])
+    return result
+
+
 def test_install_enable_disable_enable(addon_zip: Path, tmp_path: Path):
     result = blender("install", addon_zip, tmp_path, "--save", str(tmp_path / "keys"))
     assert result["client_keys"] == ["client.key", "client.key_secret"]  # Make Client Keys
@@ -79,12 +90,6 @@ def test_generate_updates_one_object_in_place(addon_zip: Path, tmp_path: Path, m
     assert result["object_job_id"] == result["job_id"]
 
 
-def test_refine_on_spot_keeps_its_vertex_count(addon_zip: Path, tmp_path: Path, mesh_server: ServerProcess):
-    result = blender("refine", addon_zip, tmp_path, "--address", mesh_server.address,
-                     "--mesh", str(SHARED / "meshes" / "spot.obj"), "--steps", "texture=2")
-    assert result["job_state"] == "done" and result["job_kind"] == "refine_texture"
-    assert result["after_verts"] == result["before"]["verts"] == 2930
-    assert result["after_loops"] == result["before"]["loops"]
 
 
 def test_cancel(addon_zip: Path, tmp_path: Path, mesh_server: ServerProcess):
@@ -142,9 +147,8 @@ def test_textured_mesh_events_weld_uv_and_pack(addon_zip: Path, tmp_path: Path):
 def test_generate_with_a_local_tiny_backend_ends_textured(addon_zip: Path, tmp_path: Path):
     """LOCAL mode: the add-on starts the real backend (real pipeline, tiny random models, CPU)
     itself, generates from the sample reference image, and stops the backend."""
-    result = blender("generate", addon_zip, tmp_path, "--local-store", str(tmp_path / "store"),
-                     "--image", str(REFERENCE_IMAGE), "--steps", "coarse=1,geometry=1,texture=1",
-                     "--timeout", "240", timeout_s=300)
+    result = blender_local("generate", addon_zip, tmp_path, "--image", str(REFERENCE_IMAGE),
+                           "--steps", "coarse=1,geometry=1,texture=1")
     assert result["job_state"] == "done", result["job_error"]
     assert len(result["objects"]) == 1
     seqs = [s["seq"] for s in result["states"]]
@@ -153,5 +157,24 @@ def test_generate_with_a_local_tiny_backend_ends_textured(addon_zip: Path, tmp_p
     assert result["material"] and result["image_packed"] and result["uv_maps"] == ["UVMap"]
     assert result["verts"] > 0 and result["object_seq"] == result["last_seq"]
     assert result["preview_size"] and min(result["preview_size"]) > 0  # the panel's latest preview
-    assert result["local_backend_exit"] is not None  # Stop Backend ended the process
-    assert any("listening on" in line for line in result["local_backend_log"])
+
+
+def test_refine_on_spot_with_a_local_tiny_backend_keeps_its_geometry(addon_zip: Path, tmp_path: Path):
+    """Refine texture on spot through the real backend (LOCAL mode, tiny models, CPU): the
+    vertices stay where they were, the object gets a new material whose base colour is a packed
+    image texture, and it has a UV map; the .blend is saved and reopened."""
+    result = blender_local("refine", addon_zip, tmp_path, "--mesh", str(SHARED / "meshes" / "spot.obj"),
+                           "--steps", "texture=2", "--save", str(tmp_path / "refined.blend"))
+    assert result["job_state"] == "done" and result["job_kind"] == "refine_texture", result["job_error"]
+    assert result["after_verts"] == result["before"]["verts"] == 2930
+    assert result["after_loops"] == result["before"]["loops"]
+    assert result["max_position_change"] == 0.0  # geometry untouched, coordinate by coordinate
+    assert result["before"]["material"] is None and result["material"] == "Dreamloom spot"  # a new material
+    assert result["base_color_node"] == "TEX_IMAGE" and result["base_color_image_packed"]
+    assert result["image_size"] and min(result["image_size"]) > 0
+    assert result["uv_maps"] and result["active_uv_map"] in result["uv_maps"]
+    assert result["base_color_uv_map"] in result["uv_maps"]  # the texture reads a UV map the mesh has
+    reopened = result["reopened"]  # the texture is in the saved .blend, not in a temporary file
+    assert reopened["verts"] == 2930 and reopened["material"] == "Dreamloom spot"
+    assert reopened["base_color_node"] == "TEX_IMAGE" and reopened["base_color_image_packed"]
+    assert reopened["image_size"] == result["image_size"] and reopened["uv_maps"] == result["uv_maps"]
