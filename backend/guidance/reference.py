@@ -252,10 +252,12 @@ def depth_to_normals(depth_bxhxw: torch.Tensor, fov_deg: float) -> torch.Tensor:
 
 
 def _resized(tensor_hxwxc: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize; antialiased, so a reference shrunk to a small render keeps smooth edges."""
     if tensor_hxwxc.shape[:2] == (height, width):
         return tensor_hxwxc
     image = tensor_hxwxc.permute(2, 0, 1)[None]
-    return F.interpolate(image, (height, width), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    resized = F.interpolate(image, (height, width), mode="bilinear", align_corners=False, antialias=True)
+    return resized[0].permute(1, 2, 0)
 
 
 def reference_losses(render: ReferenceRender, reference: ReferenceImage) -> dict[str, torch.Tensor]:
