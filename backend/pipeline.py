@@ -184,7 +184,7 @@ class Job:
     def coarse_stage(self, resume: ckpt.Checkpoint | None):
         from backend.cameras import sample_cameras
         from backend.neus import OccupancyGrid, cos_anneal, render_neus
-        from backend.stages.losses import reference_terms, sum_losses, view_axis_depth
+        from backend.stages.losses import reference_terms, view_axis_depth
 
         cfg = self.config.coarse
         self.stage = "coarse"
@@ -240,13 +240,8 @@ class Job:
             # 6. Regularisers: eikonal on the SDF gradient, sparsity of the opacity.
             losses["eikonal"] = (cfg.eikonal_weight, out["eikonal"])
             losses["sparsity"] = (cfg.sparsity_weight, out["opacity"].mean())
-            total, values = sum_losses(losses)
-            values.update(info)
-            # 7. Stop on a diverged loss; else one optimiser step.
-            self._check_finite(total, values)
-            optimiser.zero_grad(set_to_none=True)
-            total.backward()
-            optimiser.step()
+            # 7. One optimiser step on the weighted sum (a diverged loss stops the job).
+            values = self._optimise(optimiser, losses, info)
             # 8. Stream: progress (+ preview), a mesh from the SDF, a checkpoint.
             self._after_step(cadence, step, timer, values, out["rgb"],
                              mesh_fn=lambda: self._neus_mesh(neus),
@@ -262,7 +257,7 @@ class Job:
         from backend.dmtet import DMTet
         from backend.raster import render_mesh
         from backend.stages.losses import (normal_consistency_loss, reference_terms,
-                                           shade_normals, sum_losses)
+                                           shade_normals)
 
         cfg = self.config.geometry
         self.stage = "geometry"
@@ -310,13 +305,8 @@ class Job:
             # 6. Smoothness: neighbouring faces should agree on their normals.
             losses["normal_consistency"] = (cfg.normal_consistency_weight,
                                             normal_consistency_loss(verts_vx3, faces_fx3))
-            total, values = sum_losses(losses)
-            values.update(info)
-            # 7. Stop on a diverged loss; else one optimiser step.
-            self._check_finite(total, values)
-            optimiser.zero_grad(set_to_none=True)
-            total.backward()
-            optimiser.step()
+            # 7. One optimiser step on the weighted sum (a diverged loss stops the job).
+            values = self._optimise(optimiser, losses, info)
             # 8. Stream: progress (+ preview), the extracted mesh, a checkpoint.
             self._after_step(cadence, step, timer, values, shaded,
                              mesh_fn=lambda: (verts_vx3.detach(), faces_fx3),
@@ -384,7 +374,7 @@ class Job:
 
     def _texture_loop(self, neus, surface: Surface, color, bsd, resume: ckpt.Checkpoint | None) -> None:
         from backend.cameras import sample_cameras
-        from backend.stages.losses import fit_color_field, reference_terms, render_colors, sum_losses
+        from backend.stages.losses import fit_color_field, reference_terms, render_colors
 
         cfg = self.config.texture
         optimiser = torch.optim.Adam(color.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-15)
@@ -424,13 +414,8 @@ class Job:
                                                     torch.ones(3, device=self.device))
                 ref = reference_terms(self.reference, ref_cam, ref_rgb, ref_render.mask)
                 losses["ref_rgb"] = (cfg.ref_rgb_weight, ref["rgb"])
-            total, values = sum_losses(losses)
-            values.update(info)
-            # 5. Stop on a diverged loss; else one optimiser step.
-            self._check_finite(total, values)
-            optimiser.zero_grad(set_to_none=True)
-            total.backward()
-            optimiser.step()
+            # 5. One optimiser step on the weighted sum (a diverged loss stops the job).
+            values = self._optimise(optimiser, losses, info)
             # 6. Stream: progress (+ preview), the mesh with vertex colours, a checkpoint.
             self._after_step(cadence, step, timer, values, rgb,
                              mesh_fn=lambda: self._colored_surface(surface, color),
@@ -525,10 +510,21 @@ class Job:
     def _generators(self) -> dict[str, torch.Generator]:
         return {"cpu": self.generator, "device": self.device_generator}
 
-    def _check_finite(self, total: Tensor, values: dict[str, float]) -> None:
+    def _optimise(self, optimiser: torch.optim.Optimizer, losses: dict[str, tuple[float, Tensor]],
+                  info: dict[str, float]) -> dict[str, float]:
+        """Sum the weighted `losses`, stop the job if the sum is not finite, else take one step
+        of `optimiser`. Returns the loss values (with the guidance's `info`) for progress."""
+        from backend.stages.losses import sum_losses
+
+        total, values = sum_losses(losses)
+        values.update(info)
         if not torch.isfinite(total).item():
             bad = [name for name, value in values.items() if not math.isfinite(value)]
             raise self._diverged(f"NaN loss: {', '.join(bad)}" if bad else "NaN loss")
+        optimiser.zero_grad(set_to_none=True)
+        total.backward()
+        optimiser.step()
+        return values
 
     def _diverged(self, what: str) -> JobFailed:
         return JobFailed(
