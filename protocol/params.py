@@ -82,11 +82,11 @@ class StepOverrides:
 
 
 @dataclass(frozen=True)
-class GenerateParams:
-    """A validated `generate` job: prompt (and optional reference image) to a textured mesh."""
+class JobParams:
+    """The validated parameters both job kinds share (PROTOCOL.md section 6)."""
 
     prompt: str
-    """What to make, 1 to 1,000 characters."""
+    """What to make (or what the texture should show), 1 to 1,000 characters."""
     negative_prompt: str = ""
     """What to avoid, up to 1,000 characters."""
     camera: CameraParams = field(default_factory=CameraParams)
@@ -94,7 +94,7 @@ class GenerateParams:
     quality: str = "standard"
     """Preset: draft, standard or high."""
     steps: StepOverrides = field(default_factory=StepOverrides)
-    """Per-stage step overrides."""
+    """Per-stage step overrides (a refine job may set only `texture`)."""
     seed: int = 0
     """Random seed, 0 to 2**31 - 1."""
     texture_size: int = 1024
@@ -106,30 +106,13 @@ class GenerateParams:
 
 
 @dataclass(frozen=True)
-class RefineParams:
+class GenerateParams(JobParams):
+    """A validated `generate` job: prompt (and optional reference image) to a textured mesh."""
+
+
+@dataclass(frozen=True)
+class RefineParams(JobParams):
     """A validated `refine_texture` job: keep the sent geometry, make UVs and a texture."""
-
-    prompt: str
-    """What the texture should show, 1 to 1,000 characters."""
-    negative_prompt: str = ""
-    """What to avoid, up to 1,000 characters."""
-    camera: CameraParams = field(default_factory=CameraParams)
-    """Reference view and sampling ranges."""
-    quality: str = "standard"
-    """Preset: draft, standard or high."""
-    steps: StepOverrides = field(default_factory=StepOverrides)
-    """Only `texture` may be set."""
-    seed: int = 0
-    """Random seed, 0 to 2**31 - 1."""
-    texture_size: int = 1024
-    """Texture side in pixels: 256, 512, 1024, 2048 or 4096."""
-    mesh_every: int = 250
-    """Stream a `mesh` event every this many steps (>= 10)."""
-    preview_every: int = 25
-    """Attach a preview PNG to `progress` every this many steps (>= 1)."""
-
-
-JobParams = GenerateParams | RefineParams
 
 # ---------------------------------------------------------------------------------------------
 # field checks
@@ -371,13 +354,13 @@ def _mesh_buffers(buffers: Mapping[str, Any]) -> None:
 # public
 
 
-def validate_submit(kind: Any, params: Any, buffers: Mapping[str, Any]) -> GenerateParams | RefineParams:
+def validate_submit(kind: Any, params: Any, buffers: Mapping[str, Any]) -> JobParams:
     """Checked, defaults-filled parameters of a `submit`; ProtocolError("bad_params") names the field."""
     if kind not in JOB_KINDS:
         raise _fail("kind", f"kind must be one of {', '.join(JOB_KINDS)}, got {kind!r}")
     raw = _map(params, "params")
     if kind == JobKind.GENERATE:
-        result: GenerateParams | RefineParams = GenerateParams(**_common_fields(raw, ("coarse", "geometry", "texture")))
+        result: JobParams = GenerateParams(**_common_fields(raw, ("coarse", "geometry", "texture")))
     else:
         result = RefineParams(**_common_fields(raw, ("texture",)))
         _mesh_buffers(buffers)
@@ -386,7 +369,7 @@ def validate_submit(kind: Any, params: Any, buffers: Mapping[str, Any]) -> Gener
     return result
 
 
-def params_to_dict(p: GenerateParams | RefineParams) -> dict[str, Any]:
+def params_to_dict(p: JobParams) -> dict[str, Any]:
     """A plain msgpack-able dict that `validate_submit` turns back into an equal `p`."""
     camera = p.camera
     steps = {k: v for k, v in vars(p.steps).items() if v is not None}
