@@ -11,6 +11,22 @@ LOG_FILE_BYTES = 5 * 2**20
 """Size at which `server.log` rolls over (three old files are kept)."""
 
 
+class EscapingFormatter(logging.Formatter):
+    """`LOG_FORMAT` with control characters of the message escaped (`\\n`, `\\x1b`...), so text
+    a client sent (a `client_name` with a newline) cannot forge log lines; tracebacks keep theirs."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_control(super().formatMessage(record))
+
+
+def escape_control(text: str) -> str:
+    """`text` with every control character (C0, DEL, C1, line and paragraph separators) escaped."""
+    return "".join(
+        char if char.isprintable() or char == " " else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
 def configure_logging(store_dir: Path | None, verbose: bool = False) -> None:
     """Send `dreamloom.*` records to stderr and, with a store, to `<store>/server.log`."""
     logger = logging.getLogger("dreamloom")
@@ -18,7 +34,7 @@ def configure_logging(store_dir: Path | None, verbose: bool = False) -> None:
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    formatter = logging.Formatter(LOG_FORMAT)
+    formatter = EscapingFormatter(LOG_FORMAT)
     stream = logging.StreamHandler()
     stream.setFormatter(formatter)
     logger.addHandler(stream)

@@ -241,9 +241,23 @@ class Server:
             incoming = sock.recv(0)
             if incoming is None:
                 return
-            reply = self._answer(incoming)
-            if reply is not None:
-                sock.send(incoming.peer, reply)
+            self._reply(sock, incoming.peer, self._answer(incoming))
+
+    def _reply(self, sock: ServerSocket, peer: bytes, reply: Message) -> None:
+        """Send `reply`; a reply that cannot be encoded becomes an `internal` error instead."""
+        try:
+            sock.send(peer, reply)
+        except Exception as exc:  # a reply we built breaks the limits: say so, keep serving
+            log.exception("cannot encode the %s reply to %s", reply.type, reply.reply_to)
+            fallback = pm.error(
+                ErrorCode.INTERNAL,
+                f"the server could not encode its {reply.type} reply: {type(exc).__name__}: {_one_line(exc)}",
+                reply_to=reply.reply_to,
+            )
+            try:
+                sock.send(peer, fallback)
+            except Exception:
+                log.exception("cannot encode the error reply to %s either", reply.reply_to)
 
     def _answer(self, incoming: Incoming) -> Message | None:
         """The reply to one received message; never raises."""
