@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -39,7 +40,10 @@ def configure_logging(store_dir: Path | None, verbose: bool = False) -> None:
     stream.setFormatter(formatter)
     logger.addHandler(stream)
     if store_dir is not None:
-        store_dir.mkdir(parents=True, exist_ok=True)
+        store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log_file = store_dir / "server.log"
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # 0600 from the first byte
+        log_file.chmod(0o600)
         rotating = logging.handlers.RotatingFileHandler(
             store_dir / "server.log", maxBytes=LOG_FILE_BYTES, backupCount=3, encoding="utf-8"
         )

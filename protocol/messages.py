@@ -84,6 +84,7 @@ class ErrorCode:
     UNKNOWN_JOB: Final = "unknown_job"
     NOT_READY: Final = "not_ready"
     QUEUE_FULL: Final = "queue_full"
+    UNAUTHORIZED: Final = "unauthorized"
     INTERNAL: Final = "internal"
 
 
