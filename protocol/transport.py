@@ -33,7 +33,7 @@ DEFAULT_SEND_HWM = 32
 does not read pins at most this many messages in server memory (the server catches it up from
 its store once it reads again)."""
 DEFAULT_MAX_CONNECTIONS = 768
-"""Open TCP connections the server keeps; a newer one beyond it is closed at once."""
+"""Open TCP connections the server keeps (see `ServerSocket.police_connections`)."""
 HANDSHAKE_MS = 5000
 """A connection that has not finished its ZMTP (and CURVE) handshake by then is closed."""
 
@@ -116,6 +116,7 @@ class ServerSocket:
         """z85 public keys of the authorised clients as last (re)loaded; empty without keys."""
         self.max_connections = max_connections
         self._connections: set[int] = set()
+        """Descriptors of the connections kept."""
         self.refused_connections = 0
         """Connections closed at once because `max_connections` were open."""
         # 1. Socket options, and a monitor that reports each accepted and closed connection.
@@ -156,10 +157,13 @@ class ServerSocket:
         self.authorized = frozenset(key.decode("ascii") for key in self._auth.certs["*"])
 
     def police_connections(self) -> None:
-        """Track connections from the monitor; close each accepted beyond `max_connections`.
+        """Track connections from the monitor; close each one accepted beyond `max_connections`.
 
-        Idle connections cannot exhaust the process's file descriptors this way: the running job
-        and the store keep theirs. The server calls this whenever `monitor` is readable.
+        Idle connections so cannot exhaust the process's descriptors: the running job, the store
+        and the clients already connected keep theirs. Connections that never finish their
+        handshake are closed by libzmq after HANDSHAKE_MS, so a client refused during a flood
+        gets in once it reconnects after that. The server calls this whenever `monitor` is
+        readable.
         """
         while self.monitor is not None and self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)
