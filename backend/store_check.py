@@ -20,6 +20,7 @@ What a crash, a full disk or a damaged disk can leave, and what opening does abo
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sqlite3
 import struct
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from backend.store import FINISHED_STATES, TEMP_SUFFIX, Damage, StoreDamaged
+from backend.store import FINISHED_STATES, TEMP_SUFFIX, Damage
 
 if TYPE_CHECKING:
     from backend.store import JobStore
@@ -168,8 +169,10 @@ def open_checked(
     if not read_only:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         root.chmod(0o700)
-        for leftover in jobs_dir.rglob(f".*{TEMP_SUFFIX}") if jobs_dir.is_dir() else ():
-            leftover.unlink(missing_ok=True)
+        for folder, _dirs, names in os.walk(jobs_dir):
+            for name in names:
+                if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                    os.unlink(os.path.join(folder, name))
     folders = sum(1 for _ in jobs_dir.iterdir()) if jobs_dir.is_dir() else 0
     # 1. A zero-byte database with job folders: its records are gone.
     if db_path.exists() and db_path.stat().st_size == 0 and folders and not wal_path.exists():
@@ -216,9 +219,24 @@ def open_checked(
 # 3. Jobs against their files --------------------------------------------------------------
 
 
-def _max_file_seq(events_dir: Path) -> int:
-    seqs = [int(path.stem) for path in events_dir.glob("*.bin") if path.stem.isdigit()] if events_dir.is_dir() else []
-    return max(seqs, default=0)
+def _buffer_files(events_dir: Path) -> dict[int, int]:
+    """Seq -> size of each event buffer file in a job's `events/` folder."""
+    try:
+        entries = list(os.scandir(events_dir))
+    except FileNotFoundError:
+        return {}
+    sizes = {}
+    for entry in entries:
+        stem, dot, ext = entry.name.partition(".")
+        if stem.isdigit() and dot and ext == "bin":
+            sizes[int(stem)] = entry.stat().st_size
+    return sizes
+
+
+def _check_size(damage: list[Damage], job_id: str, where: str, have: int | None, needed: int) -> None:
+    if have is None or have < needed:
+        what = "the file is missing" if have is None else f"the file is truncated ({have} of {needed} bytes)"
+        damage.append(Damage(where, what, job_id))
 
 
 def check_jobs(store: JobStore, lost_commits: int, repair: bool) -> list[Damage]:
@@ -234,42 +252,38 @@ def _check_jobs(store: JobStore, lost_commits: int, repair: bool) -> list[Damage
     damage: list[Damage] = []
     db, root = store._db, store.root
     rows = db.execute("SELECT job_id, state, last_seq, inputs FROM jobs WHERE deleted = 0").fetchall()
-    known = set()
+    stored = dict(db.execute("SELECT job_id, COUNT(*) FROM events GROUP BY job_id").fetchall())
+    needed: dict[str, list[tuple[int, int]]] = {}  # job -> (seq, bytes its buffer file must hold)
+    for job_id, seq, specs in db.execute("SELECT job_id, seq, buffers FROM events WHERE length(buffers) > 1"):
+        specs = msgpack.unpackb(specs)
+        needed.setdefault(job_id, []).append((seq, max(spec["offset"] + spec["nbytes"] for spec in specs)))
     for job_id, state, last_seq, inputs in rows:
-        known.add(job_id)
-        job_dir = store.job_dir(job_id)
+        files = _buffer_files(store.job_dir(job_id) / "events")
         # 1. Events newer than the row (the log lost them), or rows missing (salvaged database).
-        beyond = _max_file_seq(job_dir / "events") - last_seq
-        stored = db.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
+        beyond = max(files, default=0) - last_seq
+        kept = stored.get(job_id, 0)
         lost = max(beyond, lost_commits if state not in FINISHED_STATES else 0)
-        if beyond > 0 or stored < last_seq or lost > 0:
-            reason = (f"the store lost events of this job ({stored} of {max(last_seq, last_seq + beyond)} kept)"
+        if beyond > 0 or kept < last_seq or lost > 0:
+            reason = (f"the store lost events of this job ({kept} of {max(last_seq, last_seq + beyond)} kept)"
                       " after damage; submit it again")
-            if beyond > 0 or stored < last_seq:
+            if beyond > 0 or kept < last_seq:
                 damage.append(Damage(f"jobs/{job_id}/events", reason, job_id))
             if repair and (state not in FINISHED_STATES or beyond > 0):
                 store.fail_lost(job_id, reason, max(lost, 0))
-        # 2. Input and event buffer files: present and long enough.
-        try:
-            if state not in FINISHED_STATES:
-                store.load_inputs(job_id)
-        except StoreDamaged as exc:
-            damage.append(exc.damage)
-        for seq, specs in db.execute("SELECT seq, buffers FROM events WHERE job_id = ?", (job_id,)):
-            specs = msgpack.unpackb(specs)
-            if not specs:
-                continue
-            path = job_dir / "events" / f"{seq}.bin"
-            needed = max(spec["offset"] + spec["nbytes"] for spec in specs)
-            size = path.stat().st_size if path.exists() else None
-            if size is None or size < needed:
-                what = "the file is missing" if size is None else f"the file is truncated ({size} of {needed} bytes)"
-                damage.append(Damage(str(path.relative_to(root)), what, job_id))
+        # 2. Input (of jobs still to run) and event buffer files: present and long enough.
+        specs = msgpack.unpackb(inputs)
+        if specs and state not in FINISHED_STATES:
+            path = store.job_dir(job_id) / "inputs.bin"
+            _check_size(damage, job_id, f"jobs/{job_id}/inputs.bin", path.stat().st_size if path.exists() else None,
+                        max(spec["offset"] + spec["nbytes"] for spec in specs))
+        for seq, size in needed.get(job_id, ()):
+            _check_size(damage, job_id, f"jobs/{job_id}/events/{seq}.bin", files.get(seq), size)
     # 3. Folders without a row.
+    known = {row[0] for row in rows}
     jobs_dir = root / "jobs"
-    for folder in sorted(jobs_dir.iterdir()) if jobs_dir.is_dir() else ():
-        if folder.name not in known:
-            damage.append(Damage(f"jobs/{folder.name}", "a job folder without a record in the database (kept, not served)"))
+    for name in sorted(os.listdir(jobs_dir)) if jobs_dir.is_dir() else ():
+        if name not in known:
+            damage.append(Damage(f"jobs/{name}", "a job folder without a record in the database (kept, not served)"))
     return damage
 
 
