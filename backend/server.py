@@ -25,7 +25,6 @@ import collections
 import logging
 import os
 import queue
-import resource
 import signal
 import sqlite3
 import threading
@@ -35,11 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import msgpack
 import zmq
 
 from backend.jobs import JobCancelled, JobContext, JobFailed, JobHooks, JobInterrupted, JobRunner
-import msgpack
-
 from backend.store import FINISHED_STATES, Damage, JobRecord, JobStore, StoreDamaged, StoredEvent, write_file_atomic
 from protocol import messages as pm
 from protocol.codec import ProtocolError
@@ -246,7 +244,7 @@ class Server:
             sock = ServerSocket(
                 self.config.bind, keys_dir=self.config.keys_dir, context=self._zctx,
                 allow_insecure=self.config.insecure,
-                max_connections=min(self.config.max_connections, _raise_descriptor_limit() - FD_RESERVE),
+                max_connections=min(self.config.max_connections, max(16, _raise_descriptor_limit() - FD_RESERVE)),
             )
             self._sock = sock
             self.bound_address = sock.bound_address
@@ -703,8 +701,7 @@ class Server:
             except Exception as exc:  # the store failed under the worker: report, wait, go on
                 log.exception("the worker could not use the store; it tries again in %.0f s", wait_s)
                 self._problems["worker"] = f"the worker cannot use the store: {type(exc).__name__}: {_one_line(exc)}"
-                if isinstance(exc, (OSError, sqlite3.Error)):
-                    self._problems["store"] = f"writing the store failed: {type(exc).__name__}: {_one_line(exc)}"
+                self._note_store_failure(exc)
                 self._shutdown.wait(wait_s)
                 wait_s = min(2 * wait_s, STORE_RETRY_S[1])
 
@@ -822,7 +819,12 @@ def _int_field(body: dict, name: str, default: int, low: int, high: int) -> int:
 
 
 def _raise_descriptor_limit() -> int:
-    """Raise this process's open-file soft limit to its hard limit; returns the new soft limit."""
+    """Raise this process's open-file soft limit to its hard limit; returns the new soft limit
+    (a large number where there is no such limit, as on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 2**16
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
     if soft < wanted:
@@ -848,7 +850,8 @@ def serve(config: ServerConfig, runner: JobRunner | None, runner_missing: str | 
         log.warning("no job runner: %s; submits will be refused", runner_missing)
     server = Server(config, runner, runner_missing)
     previous = {sig: signal.signal(sig, lambda signum, frame: server.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: server.reload_keys())
+    if hasattr(signal, "SIGHUP"):  # not on Windows; the folder watch reloads keys there too
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: server.reload_keys())
     try:
         server.run()
     finally:
