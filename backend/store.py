@@ -429,10 +429,12 @@ class JobStore:
         return count, nbytes
 
     def expired(self, ended_before: float) -> list[str]:
-        """Finished jobs that ended before this Unix time (the retention's candidates)."""
+        """Finished jobs that ended before this Unix time (the retention's candidates); a job
+        finished in a store older than the `ended_at` column counts from its submit."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT job_id FROM jobs WHERE deleted = 0 AND state IN (?, ?, ?) AND ended_at < ?",
+                "SELECT job_id FROM jobs WHERE deleted = 0 AND state IN (?, ?, ?)"
+                " AND COALESCE(ended_at, created_at) < ?",
                 (*sorted(FINISHED_STATES), ended_before),
             ).fetchall()
         return [row[0] for row in rows]
