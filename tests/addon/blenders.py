@@ -34,6 +34,7 @@ BUILD = load_build()
 @dataclass(frozen=True)
 class Blender:
     pin: str  # "bpy==5.2.3", from pyproject.toml
+    python_version: str  # "3.13", the Python that bpy is built for
     venv: Path
 
     @property
@@ -47,13 +48,15 @@ class Blender:
         python = BUILD.venv_python(self.venv)
         if python.exists():
             return python
-        if BUILD.find_python("3.13") is None:
-            return f"{self.pin}: no Python 3.13 on this machine (pyenv root/versions, python3.13 on PATH)"
+        if BUILD.find_python(self.python_version) is None:
+            return (f"{self.pin}: no Python {self.python_version} on this machine "
+                    f"(pyenv root/versions, python{self.python_version} on PATH)")
         return f"{self.pin}: no {self.venv.name} yet; `python build.py test` creates it"
 
 
 _EXTRAS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-BLENDERS = (Blender(_EXTRAS["blender"][0], BUILD.VENV), Blender(_EXTRAS["blender-py313"][0], BUILD.BPY_PY313_VENV))
+BLENDERS = (Blender(_EXTRAS["blender"][0], "3.11", BUILD.VENV),
+            Blender(_EXTRAS["blender-py313"][0], "3.13", BUILD.BPY_PY313_VENV))
 
 
 def bpy_python() -> str:

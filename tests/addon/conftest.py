@@ -11,10 +11,15 @@ from tests.addon.blenders import BLENDERS, BPY_PYTHON_VARIABLE, BUILD, Blender
 
 
 @pytest.fixture(scope="session", params=BLENDERS, ids=lambda blender: blender.label)
-def blender_python(request) -> Path:
-    """The interpreter of one Blender; the test is skipped, with the reason, when it has none."""
-    blender: Blender = request.param
-    python = blender.python()
+def tested_blender(request) -> Blender:
+    """One Blender of BLENDERS (a test that uses this or what depends on it runs in each)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def blender_python(tested_blender: Blender) -> Path:
+    """That Blender's interpreter; the test is skipped, with the reason, when it has none."""
+    python = tested_blender.python()
     if isinstance(python, str):
         pytest.skip(python)
     return python

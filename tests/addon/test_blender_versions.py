@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.addon.blenders import BLENDERS, BUILD
+from tests.addon.blenders import BLENDERS, BUILD, Blender
 from tests.addon.test_blender import blender
 
 EXPECTED_WHEELS = {
@@ -67,13 +67,12 @@ def test_blenders_own_strict_validator_accepts_the_zip(built_zip: Path, blender_
     assert f'Success parsing TOML in "{built_zip}"' in check.stdout
 
 
-def test_each_run_is_the_pinned_blender(blender_python: Path):
+def test_each_run_is_the_pinned_blender(tested_blender: Blender, blender_python: Path):
     report = subprocess.run([str(blender_python), "-c", "import bpy, sys; print(bpy.app.version_string, "
                              "'%d.%d' % sys.version_info[:2])"], capture_output=True, text=True, check=True)
     version, python = report.stdout.split()[0], report.stdout.split()[-1]
-    blender_pins = {b.pin.removeprefix("bpy=="): b for b in BLENDERS}
-    assert version in blender_pins
-    assert python == {"5.0.1": "3.11", "5.2.3": "3.13"}[version]
+    assert (f"bpy=={version}", python) == (tested_blender.pin, tested_blender.python_version)
+    assert [b.pin for b in BLENDERS] == ["bpy==5.0.1", "bpy==5.2.3"]
 
 
 @pytest.mark.parametrize("field, line, bad_line", [
@@ -122,3 +121,12 @@ def test_an_extension_whose_wheels_do_not_fit_says_so_in_one_line_on_enable(addo
     assert message == (f"Error: Dreamloom cannot start in Blender {result['blender']} (Python {result['python']}): "
                        "no module msgpack; this build's pyzmq and msgpack wheels are for Python 3.11 and 3.13 "
                        "(Blender 4.2 to 5.x); install a Dreamloom zip made for this Blender")
+
+
+def test_find_python_asks_each_candidate_its_version():
+    this = f"{sys.version_info.major}.{sys.version_info.minor}"
+    found = BUILD.find_python(this)
+    check = subprocess.run([str(found), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                           capture_output=True, text=True, check=True)
+    assert check.stdout.strip() == this
+    assert BUILD.find_python("3.99") is None  # a version no interpreter here has (a pyenv shim would answer wrongly)
