@@ -80,7 +80,7 @@ def test_each_run_is_the_pinned_blender(tested_blender: Blender, blender_python:
      'network = "Talk to the Dreamloom backend (ZeroMQ) on this computer or a remote GPU box"'),
     ("tagline", 'tagline = "Prompt and reference image to an editable, textured 3D mesh"',
      'tagline = "Prompt and reference image to an editable, textured 3D mesh."'),
-])
+], ids=["network", "tagline"])
 def test_a_field_blender_refuses_fails_the_build_naming_it(built_zip: Path, tmp_path: Path, field: str, line: str,
                                                            bad_line: str):
     source = tmp_path / "blender_addon"
