@@ -98,8 +98,28 @@ def scenario_install(args) -> dict:
     return result
 
 
-def use_local_backend(store: Path) -> None:
-    """LOCAL mode: the add-on starts `python -m backend serve --models tiny --device cpu` itself."""
+def scenario_wheels_missing(args) -> dict:
+    """The extension on disk with none of its wheels (what a zip built for other Pythons or
+    platforms leaves, e.g. one installed under an older Blender and carried over): enabling it
+    fails with one line and registers nothing."""
+    installed = bpy.ops.extensions.package_install_files(filepath=str(args.zip), repo="user_default",
+                                                         enable_on_install=False)
+    package = Path(bpy.utils.user_resource("EXTENSIONS", path="user_default")) / "dreamloom"
+    for wheel in (package / "wheels").glob("*.whl"):
+        wheel.unlink()
+    try:
+        bpy.ops.preferences.addon_enable(module=MODULE)
+        message = None
+    except RuntimeError as exc:  # the operator's ERROR report
+        message = str(exc)
+    return {"installed": installed == {"FINISHED"} and (package / "__init__.py").exists(), "message": message,
+            "enabled": MODULE in bpy.context.preferences.addons, "panel_registered": hasattr(bpy.types, "DREAMLOOM_PT_main"),
+            "blender": bpy.app.version_string, "python": ".".join(str(n) for n in sys.version_info[:2])}
+
+
+def use_local_backend(store: Path, backend_python: Path) -> None:
+    """LOCAL mode: the add-on starts `backend_python -m backend serve --models tiny --device cpu`
+    itself (an environment with torch: this Blender's own may have none)."""
     import socket
 
     with socket.socket() as probe:
@@ -108,7 +128,7 @@ def use_local_backend(store: Path) -> None:
     prefs = bpy.context.preferences.addons[MODULE].preferences
     prefs.backend_mode = "LOCAL"
     prefs.backend_address = f"tcp://127.0.0.1:{port}"
-    prefs.backend_python = sys.executable
+    prefs.backend_python = str(backend_python)
     prefs.backend_project_dir = str(Path(__file__).resolve().parents[2])
     prefs.backend_store_dir = str(store)
     prefs.backend_models = "tiny"
@@ -118,7 +138,7 @@ def use_local_backend(store: Path) -> None:
 def connect(args, timeout_s: float = 30.0) -> None:
     """LOCAL mode with the tiny models when --local-store is given, else the server at --address."""
     if args.local_store:
-        use_local_backend(args.local_store)
+        use_local_backend(args.local_store, args.backend_python)
     else:
         use_backend(args.address, timeout_s=timeout_s)
 
@@ -385,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-seq", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--local-store", type=Path, help="LOCAL mode with this job store (tiny models, CPU)")
+    parser.add_argument("--backend-python", type=Path, default=Path(sys.executable),
+                        help="the interpreter a LOCAL backend runs in (default: this one)")
     args = parser.parse_args(argv)
     result = SCENARIOS[args.scenario](args)
     print("RESULT " + json.dumps(result), flush=True)
