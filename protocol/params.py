@@ -213,10 +213,13 @@ def _steps(value: Any, path: str, allowed: tuple[str, ...]) -> StepOverrides:
     return StepOverrides(**counts)
 
 
-def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...]) -> dict[str, Any]:
-    """Every params field, validated, defaults filled; keyword arguments for either dataclass."""
-    if "prompt" not in raw:
-        raise _fail("params.prompt", "params.prompt is required")
+def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...], has_image: bool) -> dict[str, Any]:
+    """Every params field, validated, defaults filled; keyword arguments for either dataclass.
+
+    The prompt may be empty (or left out) only when a reference image is sent.
+    """
+    if not has_image and not str(raw.get("prompt") or "").strip():
+        raise _fail("params.prompt", "params.prompt is required and must not be empty when no buffers.image is sent")
     quality = raw.get("quality", "standard")
     if quality not in QUALITIES:
         raise _fail("params.quality", f"params.quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
@@ -227,7 +230,7 @@ def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...]) -> dict[str, An
             f"params.texture_size must be one of {', '.join(map(str, TEXTURE_SIZES))}, got {texture_size!r}",
         )
     return dict(
-        prompt=_text(raw["prompt"], "params.prompt", 1),
+        prompt=_text(raw.get("prompt", ""), "params.prompt", 0),
         negative_prompt=_text(raw.get("negative_prompt", ""), "params.negative_prompt", 0),
         camera=_camera(raw.get("camera", {}), "params.camera"),
         quality=quality,
@@ -359,10 +362,11 @@ def validate_submit(kind: Any, params: Any, buffers: Mapping[str, Any]) -> JobPa
     if kind not in JOB_KINDS:
         raise _fail("kind", f"kind must be one of {', '.join(JOB_KINDS)}, got {kind!r}")
     raw = _map(params, "params")
+    has_image = "image" in buffers
     if kind == JobKind.GENERATE:
-        result: JobParams = GenerateParams(**_common_fields(raw, ("coarse", "geometry", "texture")))
+        result: JobParams = GenerateParams(**_common_fields(raw, ("coarse", "geometry", "texture"), has_image))
     else:
-        result = RefineParams(**_common_fields(raw, ("texture",)))
+        result = RefineParams(**_common_fields(raw, ("texture",), has_image))
         _mesh_buffers(buffers)
     if "image" in buffers:
         _image_buffer(buffers["image"], "buffers.image", png_only=False)
