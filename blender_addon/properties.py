@@ -43,6 +43,11 @@ class DreamloomJobItem(PropertyGroup):
     last_seq: IntProperty(name="Last Seq", description="The seq of the last event applied to the scene")
     object_name: StringProperty(name="Object", description="The object this job writes into")
     error: StringProperty(name="Error", description="The server's message when the job failed")
+    note: StringProperty(name="Note", description="Why an update waits, or that the backend is unreachable")
+    position: IntProperty(name="Queue Position", description="Jobs ahead of this one while it is queued")
+    detached: BoolProperty(
+        name="Detached", description="The job's object was deleted: its meshes no longer go into the scene"
+    )
 
 
 class DreamloomServerJob(PropertyGroup):
@@ -90,6 +95,15 @@ class DreamloomSettings(PropertyGroup):
     texture_size: EnumProperty(name="Texture Size", items=TEXTURE_SIZE_ITEMS, default="1024", description="Texture edge")
     steps: StringProperty(
         name="Steps", description='Per-stage overrides, e.g. "coarse=500,geometry=200,texture=200" (empty: by quality)'
+    )
+    refine_slots: EnumProperty(
+        name="Refine Slots",
+        items=[
+            ("ALL", "All Slots", "The refined material goes into every material slot (the old materials stay in the file)"),
+            ("ACTIVE", "Active Slot", "Only the active material slot gets the refined material"),
+        ],
+        default="ALL",
+        description="Which material slots Refine Texture replaces",
     )
     show_camera: BoolProperty(name="Camera", default=False, description="Show the camera ranges")
     jobs: CollectionProperty(type=DreamloomJobItem, name="Jobs")

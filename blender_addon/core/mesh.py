@@ -70,6 +70,18 @@ class BlenderMesh:
 
 
 @dataclass
+class RefineResult:
+    """The final mesh of a refine job, checked, with its UVs per triangle corner."""
+
+    face_count: int
+    """Number of triangles (must equal the object's loop triangles)."""
+    corner_uvs_lx2: np.ndarray | None
+    """float32 [3M, 2] UV of each triangle corner in triangle order, or None."""
+    texture_png: bytes | None
+    """The refined texture (a PNG), or None."""
+
+
+@dataclass
 class SplitMesh:
     """A triangle mesh in the wire format: one UV per vertex, vertices split along UV seams."""
 
@@ -135,8 +147,6 @@ def weld(
     check_triangles(positions_nx3, faces_mx3)
     if uvs_nx2 is not None and uvs_nx2.shape != (len(positions_nx3), 2):
         raise MeshDataError(f"buffer 'uvs' must have shape [{len(positions_nx3)}, 2], got {list(uvs_nx2.shape)}")
-    if uvs_nx2 is not None and not np.isfinite(uvs_nx2).all():
-        raise MeshDataError("buffer 'uvs' holds a NaN or infinite coordinate")
     if colors_nx3 is not None and colors_nx3.shape != (len(positions_nx3), 3):
         raise MeshDataError(
             f"buffer 'colors' must have shape [{len(positions_nx3)}, 3], got {list(colors_nx3.shape)}"
@@ -195,6 +205,31 @@ def _buffer(buffers: dict, name: str, dtype_kind: str, columns: int, rows: int |
     return array
 
 
+def _checked_event_buffers(buffers: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bytes | None]:
+    """positions, faces, uvs and texture of a mesh event, checked (MeshDataError names the buffer)."""
+    for name in ("positions", "faces"):
+        if buffers.get(name) is None:
+            raise MeshDataError(f"the mesh event has no buffer {name!r}")
+    positions_nx3 = _buffer(buffers, "positions", "f", 3)
+    faces_mx3 = _buffer(buffers, "faces", "iu", 3)
+    check_triangles(positions_nx3, faces_mx3)
+    uvs_nx2 = None if buffers.get("uvs") is None else _buffer(buffers, "uvs", "f", 2, len(positions_nx3))
+    if uvs_nx2 is not None and not np.isfinite(uvs_nx2).all():
+        raise MeshDataError("buffer 'uvs' holds a NaN or infinite coordinate")
+    texture = buffers.get("texture")
+    texture_png = None if texture is None else bytes(texture)
+    if texture_png is not None and not texture_png.startswith(PNG_SIGNATURE):
+        raise MeshDataError(f"buffer 'texture' is not a PNG: it starts with {texture_png[:8]!r}")
+    return positions_nx3, faces_mx3, uvs_nx2, texture_png
+
+
+def prepare_refine_result(buffers: dict) -> RefineResult:
+    """Check a refine job's final mesh event and put its UVs per triangle corner (no bpy)."""
+    _positions_nx3, faces_mx3, uvs_nx2, texture_png = _checked_event_buffers(buffers)
+    corner_uvs = None if uvs_nx2 is None else np.ascontiguousarray(uvs_nx2[faces_mx3.reshape(-1)], np.float32)
+    return RefineResult(face_count=len(faces_mx3), corner_uvs_lx2=corner_uvs, texture_png=texture_png)
+
+
 def prepare_mesh_event(buffers: dict) -> BlenderMesh:
     """Check and convert a `mesh` event's buffers into Blender's layout (no bpy; any thread).
 
@@ -202,16 +237,7 @@ def prepare_mesh_event(buffers: dict) -> BlenderMesh:
     a missing buffer, a wrong dtype or shape, an index out of range, NaN or infinite numbers, a
     texture that is not a PNG. A texture wins over vertex colours (PROTOCOL.md section 4).
     """
-    for name in ("positions", "faces"):
-        if buffers.get(name) is None:
-            raise MeshDataError(f"the mesh event has no buffer {name!r}")
-    positions_nx3 = _buffer(buffers, "positions", "f", 3)
-    faces_mx3 = _buffer(buffers, "faces", "iu", 3)
-    uvs_nx2 = None if buffers.get("uvs") is None else _buffer(buffers, "uvs", "f", 2, len(positions_nx3))
-    texture = buffers.get("texture")
-    texture_png = None if texture is None else bytes(texture)
-    if texture_png is not None and not texture_png.startswith(PNG_SIGNATURE):
-        raise MeshDataError(f"buffer 'texture' is not a PNG: it starts with {texture_png[:8]!r}")
+    positions_nx3, faces_mx3, uvs_nx2, texture_png = _checked_event_buffers(buffers)
     colors_nx3 = None
     if buffers.get("colors") is not None and texture_png is None:
         colors_nx3 = _buffer(buffers, "colors", "u", 3, len(positions_nx3))

@@ -302,6 +302,17 @@ def scenario_bad_input(args) -> dict:
     return messages
 
 
+def apply_now(runtime, update) -> None:
+    """Queue a job event as the session would hand it over, and apply it once it is prepared."""
+    runtime.dispatch(update)
+    deadline = time.monotonic() + 30
+    while runtime.STATE.queue.waiting(update.job.job_id):
+        runtime.apply_waiting()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"event {update.seq} was not applied: {scene_job().note!r}")
+        time.sleep(0.005)
+
+
 def read_obj(path: Path):
     """Vertices [V,3], triangles [T,3], UVs per corner [T,3,2] of an OBJ with vt (numpy, no bpy)."""
     import numpy as np
@@ -350,7 +361,7 @@ def scenario_import_textured(args) -> dict:
                                    buffers=buffers)
         decoded = protocol.codec.decode(protocol.codec.encode(message))
         record.last_seq = seq
-        runtime.apply_event(session.JobEvent(record, decoded))
+        apply_now(runtime, session.JobEvent(record, decoded))
         obj = bpy.data.objects[item.object_name]
         results.append({"object": obj.name, "mesh": obj.data.name, "verts": len(obj.data.vertices),
                         "faces": len(obj.data.polygons), "seq": obj.get("dreamloom_seq"),
