@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 
 import bpy
 import numpy as np
@@ -237,14 +238,12 @@ def apply_refine_result(obj: bpy.types.Object, result: core_mesh.RefineResult, s
     """Give `obj` the refined texture: a new material (in every slot, or the active one), and a
     new UV map when the UVs changed.
 
-    The result's triangles are the ones sent (the evaluated mesh's loop triangles, in order),
+    The result's triangles are the ones sent (each polygon fanned, in order: `fan_triangles`),
     so each result corner maps to one loop of the object's mesh; geometry is not touched.
     """
     check_editable(obj)
     mesh = obj.data
-    mesh.calc_loop_triangles()
-    tri_loops_l = np.empty(3 * len(mesh.loop_triangles), dtype=np.int32)
-    mesh.loop_triangles.foreach_get("loops", tri_loops_l)
+    tri_loops_l = core_mesh.fan_triangles(mesh_triangle_polygons(mesh), len(mesh.polygons)).reshape(-1)
     if result.face_count != len(tri_loops_l) // 3:
         raise core_mesh.MeshDataError(
             f"refine result has {result.face_count} triangles but object {obj.name!r} has "
@@ -277,8 +276,42 @@ def _active_loop_uvs(mesh: bpy.types.Mesh) -> np.ndarray | None:
 # 4. Export for Refine texture -----------------------------------------------------------------------
 
 
-def export_for_refine(obj: bpy.types.Object, depsgraph) -> tuple[core_mesh.SplitMesh, bytes | None]:
-    """The object's evaluated mesh, triangulated, object space, split by UV; its texture as PNG.
+@dataclass
+class RefineExport:
+    """What Refine texture reads from the scene on the main thread; `split()` does the rest on
+    any thread."""
+
+    verts_vx3: np.ndarray
+    """float32 [V, 3] positions of the evaluated mesh, object space."""
+    corner_verts_l: np.ndarray
+    """int32 [L] vertex of each corner."""
+    tri_polys_t: np.ndarray
+    """int32 [T] polygon of each loop triangle."""
+    poly_count: int
+    """Number of polygons."""
+    loop_uvs_lx2: np.ndarray | None
+    """float32 [L, 2] the active UV map per corner, or None."""
+    texture_png: bytes | None
+    """The PNG feeding the base colour, when there is a UV map and such an image."""
+
+    def split(self) -> core_mesh.SplitMesh:
+        """The wire-format mesh: fanned triangles, split by UV."""
+        return core_mesh.refine_split(
+            self.verts_vx3, self.corner_verts_l, self.tri_polys_t, self.poly_count, self.loop_uvs_lx2
+        )
+
+
+def mesh_triangle_polygons(mesh: bpy.types.Mesh) -> np.ndarray:
+    """int32 [T] polygon of each loop triangle (a fast read, unlike the triangles' own loops)."""
+    mesh.calc_loop_triangles()
+    tri_polys_t = np.empty(len(mesh.loop_triangles), dtype=np.int32)
+    mesh.loop_triangle_polygons.foreach_get("value", tri_polys_t)
+    return tri_polys_t
+
+
+def export_for_refine(obj: bpy.types.Object, depsgraph) -> RefineExport:
+    """The object's evaluated mesh (object space) and its texture, read with fast attribute
+    copies only; splitting by UV is left to `RefineExport.split` on the worker thread.
 
     Raises ValueError naming the object when it is not a mesh or its modifiers change topology
     (the result could not be mapped back onto its loops).
@@ -292,20 +325,23 @@ def export_for_refine(obj: bpy.types.Object, depsgraph) -> tuple[core_mesh.Split
             raise ValueError(
                 f"object {obj.name!r}: its modifiers change the topology; apply or disable them to refine its texture"
             )
-        mesh.calc_loop_triangles()
         verts_vx3 = np.empty(3 * len(mesh.vertices), np.float32)
-        mesh.vertices.foreach_get("co", verts_vx3)
-        tri_verts = np.empty(3 * len(mesh.loop_triangles), np.int32)
-        mesh.loop_triangles.foreach_get("vertices", tri_verts)
-        tri_loops = np.empty(3 * len(mesh.loop_triangles), np.int32)
-        mesh.loop_triangles.foreach_get("loops", tri_loops)
-        loop_uvs = _active_loop_uvs(mesh)
-        tri_uvs = None if loop_uvs is None else loop_uvs[tri_loops].reshape(-1, 3, 2)
-        split = core_mesh.split_by_uv(verts_vx3.reshape(-1, 3), tri_verts.reshape(-1, 3), tri_uvs)
+        mesh.attributes["position"].data.foreach_get("vector", verts_vx3)
+        corner_verts_l = np.empty(len(mesh.loops), np.int32)
+        mesh.attributes[".corner_vert"].data.foreach_get("value", corner_verts_l)
+        export = RefineExport(
+            verts_vx3=verts_vx3.reshape(-1, 3),
+            corner_verts_l=corner_verts_l,
+            tri_polys_t=mesh_triangle_polygons(mesh),
+            poly_count=len(mesh.polygons),
+            loop_uvs_lx2=_active_loop_uvs(mesh),
+            texture_png=None,
+        )
     finally:
         evaluated.to_mesh_clear()
-    texture = material_texture_png(obj) if tri_uvs is not None else None
-    return split, texture
+    if export.loop_uvs_lx2 is not None:
+        export.texture_png = material_texture_png(obj)
+    return export
 
 
 def material_texture_png(obj: bpy.types.Object) -> bytes | None:
@@ -317,20 +353,66 @@ def material_texture_png(obj: bpy.types.Object) -> bytes | None:
     if bsdf is None or not bsdf.inputs["Base Color"].is_linked:
         return None
     node = bsdf.inputs["Base Color"].links[0].from_node
-    if node.type != "TEX_IMAGE" or node.image is None or not node.image.has_data and not _loads(node.image):
+    if node.type != "TEX_IMAGE" or node.image is None:
         return None
-    copy = node.image.copy()
+    return image_png(node.image)
+
+
+def image_png(image: bpy.types.Image) -> bytes | None:
+    """The image as PNG bytes: its packed or saved PNG file as it is, else saved anew as PNG
+    (painted, generated, packed JPEG, EXR, WebP...); None when it holds no pixels."""
+    if image.packed_file is not None and bytes(image.packed_file.data[:8]) == core_mesh.PNG_SIGNATURE:
+        return bytes(image.packed_file.data)
+    file = bpy.path.abspath(image.filepath) if image.filepath and image.packed_file is None else ""
+    if file and os.path.isfile(file) and not image.is_dirty:
+        with open(file, "rb") as handle:
+            data = handle.read()
+        if data.startswith(core_mesh.PNG_SIGNATURE):
+            return data
+    if image.type == "RENDER_RESULT":
+        return _saved_png(image, lambda path: image.save_render(filepath=path))
+    if not image.has_data and not _loads(image):
+        return None
+    copy = image.copy()
+    try:
+        return _saved_png(copy, lambda path: _save_copy(copy, path))
+    finally:
+        bpy.data.images.remove(copy)
+
+
+def _save_copy(copy: bpy.types.Image, path: str) -> None:
+    copy.filepath_raw = path
+    copy.file_format = "PNG"
+    copy.save()
+
+
+def _saved_png(image: bpy.types.Image, save) -> bytes:
+    """`save(path)` writes the image to a temporary PNG; its bytes."""
     fd, path = tempfile.mkstemp(suffix=".png", prefix="dreamloom_")
     os.close(fd)
     try:
-        copy.filepath_raw = path
-        copy.file_format = "PNG"
-        copy.save()
+        save(path)
         with open(path, "rb") as file:
             return file.read()
     finally:
-        bpy.data.images.remove(copy)
         os.unlink(path)
+
+
+def reference_png(image: bpy.types.Image, max_side: int) -> tuple[bytes | None, str]:
+    """Any image datablock as a PNG of at most `max_side` pixels a side, and a note when it
+    was downscaled to get there."""
+    width, height = image.size[0], image.size[1]
+    if image.type == "RENDER_RESULT" or max(width, height) <= max_side:  # a render is sent as rendered
+        return image_png(image), ""
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    copy = image.copy()
+    try:
+        copy.scale(*size)
+        png = _saved_png(copy, lambda path: _save_copy(copy, path))
+    finally:
+        bpy.data.images.remove(copy)
+    return png, f"reference image {image.name!r} downscaled from {width}x{height} to {size[0]}x{size[1]} (the backend takes at most {max_side} px a side)"
 
 
 def _loads(image: bpy.types.Image) -> bool:

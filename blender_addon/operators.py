@@ -53,23 +53,32 @@ def clear_error(scene: bpy.types.Scene) -> None:
     scene.dreamloom.last_error_field = ""
 
 
-def reference_image_png(settings, image_path: str) -> bytes | None:
-    """The reference image's file bytes: operator path, else the panel's datablock, else its file."""
+def reference_image_png(settings, image_path: str) -> tuple[bytes | None, str]:
+    """The reference image as PNG (operator path, else the panel's datablock, else its file)
+    within the backend's size limit, and a note when it had to be converted or downscaled."""
     path = image_path or ("" if settings.image else settings.image_path)
     if path:
         file = Path(bpy.path.abspath(path))
         if not file.is_file():
             raise core_settings.SettingsError("image_path", f"image_path {path!r} is not a file")
-        return file.read_bytes()
-    image = settings.image
+        data = file.read_bytes()
+        try:  # a PNG or JPEG within the limits goes as it is
+            _protocol.params.validate_submit("generate", {}, {"image": data})
+            return data, ""
+        except _protocol.ProtocolError:
+            pass
+        try:
+            image = bpy.data.images.load(str(file), check_existing=True)
+        except RuntimeError as exc:
+            raise core_settings.SettingsError("image_path", f"image_path {path!r} is not an image Blender can read: {exc}") from exc
+    else:
+        image = settings.image
     if image is None:
-        return None
-    if image.packed_file is not None:
-        return bytes(image.packed_file.data)
-    file = Path(bpy.path.abspath(image.filepath)) if image.filepath else None
-    if file is not None and file.is_file() and file.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        return file.read_bytes()
-    raise core_settings.SettingsError("image", f"reference image {image.name!r} has no PNG or JPEG file to send")
+        return None, ""
+    png, note = importer.reference_png(image, _protocol.params.MAX_IMAGE_SIDE)
+    if png is None:
+        raise core_settings.SettingsError("image", f"reference image {image.name!r} holds no pixels to send")
+    return png, note
 
 
 def ensure_timer() -> None:
@@ -112,8 +121,8 @@ class DREAMLOOM_OT_generate(Operator):
             if self.steps:
                 job.steps = core_settings.parse_steps(self.steps)
             # 2. Validate with the protocol's own rules.
-            params = core_settings.generate_params(job)
-            image = reference_image_png(scene.dreamloom, self.image_path)
+            image, note = reference_image_png(scene.dreamloom, self.image_path)
+            params = core_settings.generate_params(job, has_image=image is not None)
             buffers = {"image": image} if image is not None else {}
             _protocol.params.validate_submit("generate", params, buffers)
             # 3. Act.
@@ -121,7 +130,10 @@ class DREAMLOOM_OT_generate(Operator):
         except USER_ERRORS as exc:
             return fail(self, exc)
         ensure_timer()
-        self.report({"INFO"}, f"Dreamloom: sent '{params['prompt'][:40]}' to {preferences.get().backend_address}")
+        if note:
+            self.report({"INFO"}, f"Dreamloom: {note}")
+        what = params["prompt"][:40] or "the reference image"
+        self.report({"INFO"}, f"Dreamloom: sent '{what}' to {preferences.get().backend_address}")
         return {"FINISHED"}
 
 
@@ -145,27 +157,37 @@ class DREAMLOOM_OT_refine_texture(Operator):
             job.prompt = self.prompt or job.prompt
             job.steps = core_settings.parse_steps(self.steps) if self.steps else {
                 k: v for k, v in job.steps.items() if k == "texture"}
-            # 2. Validate: the mesh, then the params and buffers.
-            split, texture = importer.export_for_refine(obj, context.evaluated_depsgraph_get())
-            params = core_settings.refine_params(job)
-            buffers = {"positions": split.positions_nx3, "faces": split.faces_mx3}
-            if split.uvs_nx2 is not None:
-                buffers["uvs"] = split.uvs_nx2
-            if texture is not None:
-                buffers["texture"] = texture
-            image = reference_image_png(scene.dreamloom, "")
-            if image is not None:
-                buffers["image"] = image
-            _protocol.params.validate_submit("refine_texture", params, buffers)
+            # 2. Validate the params; read the mesh (its split by UV and the buffers' checks run
+            # on the worker thread, and the job is sent once they are done).
+            image, note = reference_image_png(scene.dreamloom, "")
+            params = core_settings.refine_params(job, has_image=image is not None)
+            export = importer.export_for_refine(obj, context.evaluated_depsgraph_get())
             # 3. Act.
-            runtime.session().submit(
-                "refine_texture", params, buffers, context={"scene": scene.name, "object_name": obj.name}
+            runtime.submit_prepared(
+                "refine_texture", params, lambda: refine_buffers(export, image),
+                context={"scene": scene.name, "object_name": obj.name},
             )
         except USER_ERRORS as exc:
             return fail(self, exc)
         ensure_timer()
-        self.report({"INFO"}, f"Dreamloom: sent {obj.name!r} ({len(split.faces_mx3)} triangles) to refine its texture")
+        if note:
+            self.report({"INFO"}, f"Dreamloom: {note}")
+        self.report({"INFO"}, f"Dreamloom: sending {obj.name!r} ({len(export.tri_polys_t)} triangles) to refine its texture")
         return {"FINISHED"}
+
+
+def refine_buffers(export: importer.RefineExport, image: bytes | None) -> dict:
+    """The `refine_texture` buffers (on the worker thread): the mesh split by UV, its texture,
+    the reference image."""
+    split = export.split()
+    buffers = {"positions": split.positions_nx3, "faces": split.faces_mx3}
+    if split.uvs_nx2 is not None:
+        buffers["uvs"] = split.uvs_nx2
+    if export.texture_png is not None:
+        buffers["texture"] = export.texture_png
+    if image is not None:
+        buffers["image"] = image
+    return buffers
 
 
 def active_job(scene: bpy.types.Scene, job_id: str):

@@ -11,6 +11,7 @@ unreachable, retrying" while the session reconnects with backoff and catches up 
 from __future__ import annotations
 
 import time
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 
 import bpy
@@ -66,6 +67,20 @@ class Problem:
 
 
 @dataclass
+class Outgoing:
+    """A submit waiting for its buffers from the worker thread."""
+
+    kind: str
+    """The job kind."""
+    params: dict
+    """The checked params."""
+    buffers: Future
+    """The worker's buffers dict (or its error)."""
+    context: dict
+    """The submit's context (scene, object name)."""
+
+
+@dataclass
 class _State:
     """Module state: one session, one local backend, waiting events, errors not yet reported."""
 
@@ -77,6 +92,8 @@ class _State:
     """Set at register and on file load: the next pump follows the scene's unfinished jobs."""
     queue: ApplyQueue = field(default_factory=ApplyQueue)
     """Events received and not yet applied, per job."""
+    outgoing: list[Outgoing] = field(default_factory=list)
+    """Submits whose buffers the worker is still building."""
     retry_at: float | None = None
     """time.monotonic() of the next reconnect attempt while the backend is unreachable, else None."""
     retry_delay_s: float = RETRY_FIRST_S
@@ -119,13 +136,14 @@ def close_session() -> None:
     if STATE.session is not None:
         STATE.session.close()
         STATE.session = None
-    STATE.queue.close()
+    STATE.queue.clear()
     STATE.reattach_needed = True
 
 
 def busy() -> bool:
     """True while a request waits, a followed job runs, an update waits or a reconnect is due."""
-    return (STATE.session is not None and STATE.session.busy) or bool(STATE.queue) or STATE.retry_at is not None
+    return ((STATE.session is not None and STATE.session.busy) or bool(STATE.queue) or bool(STATE.outgoing)
+            or STATE.retry_at is not None)
 
 
 def unfinished_items() -> list:
@@ -248,10 +266,32 @@ def pump(max_messages: int = 64) -> int:
             dispatch(update)
         except Exception as exc:  # one bad update must not stop the others
             record_problem(Problem(f"could not apply {type(update).__name__}: {exc}"))
-    applied = apply_waiting()
+    applied = apply_waiting() + send_prepared()
     if updates or applied:
         _redraw()
     return len(updates) + applied
+
+
+def submit_prepared(kind: str, params: dict, make_buffers, context: dict) -> None:
+    """Submit once `make_buffers()` has built the buffers on the worker thread (a pump sends it)."""
+    session()  # a connection problem is reported now, by the operator
+    STATE.outgoing.append(Outgoing(kind, params, STATE.queue.run(make_buffers), context))
+
+
+def send_prepared() -> int:
+    """Send the submits whose buffers are ready (checked by the protocol's rules first)."""
+    sent = 0
+    for outgoing in [o for o in STATE.outgoing if o.buffers.done()]:
+        STATE.outgoing.remove(outgoing)
+        try:
+            buffers = outgoing.buffers.result()
+            _protocol.params.validate_submit(outgoing.kind, outgoing.params, buffers)
+            session().submit(outgoing.kind, outgoing.params, buffers, context=outgoing.context)
+        except (core_mesh.MeshDataError, _protocol.ProtocolError, SessionError, ValueError, CancelledError) as exc:
+            field_name = getattr(exc, "field", "") or ""
+            record_problem(Problem(f"{outgoing.kind}: {getattr(exc, 'message', None) or exc}", field_name))
+        sent += 1
+    return sent
 
 
 def timer() -> float:

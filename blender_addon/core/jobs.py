@@ -141,10 +141,14 @@ class ApplyQueue:
                     if older.prepared is not None:
                         older.prepared.cancel()
             if prepare is not None:
-                if self.executor is None:
-                    self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreamloom-mesh")
-                pending.prepared = self.executor.submit(prepare, message.buffers)
+                pending.prepared = self.run(prepare, message.buffers)
         queue.append(pending)
+
+    def run(self, fn: Callable, *args: Any) -> Future:
+        """Run `fn(*args)` on the worker thread (started on first use)."""
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreamloom-mesh")
+        return self.executor.submit(fn, *args)
 
     def head(self, job_id: str) -> PendingEvent | None:
         """The job's next event to apply, or None when there is none or it is still being prepared."""
@@ -175,10 +179,14 @@ class ApplyQueue:
     def __bool__(self) -> bool:
         return bool(self.jobs)
 
-    def close(self) -> None:
-        """Forget every waiting event and stop the worker (preparations not started are cancelled)."""
+    def clear(self) -> None:
+        """Forget every job's waiting events."""
         for job_id in list(self.jobs):
             self.drop(job_id)
+
+    def close(self) -> None:
+        """Forget every waiting event and stop the worker (work not started is cancelled)."""
+        self.clear()
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.executor = None

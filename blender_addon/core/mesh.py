@@ -259,6 +259,43 @@ def prepare_mesh_event(buffers: dict) -> BlenderMesh:
     )
 
 
+def fan_triangles(tri_polys_t: np.ndarray, poly_count: int) -> np.ndarray:
+    """int64 [T, 3] corners of each triangle when every polygon is fanned from its first corner.
+
+    `tri_polys_t` is the polygon of each of Blender's loop triangles (`loop_triangle_polygons`,
+    grouped by polygon in order; a polygon of n corners has n - 2 of them). It is read in
+    milliseconds where `loop_triangles.foreach_get("loops")` takes most of a second on large
+    meshes, and it gives each polygon's size, hence its first corner; the export and the
+    import of Refine texture both use this fan, so a result maps back triangle by triangle.
+    """
+    tri_polys_t = np.asarray(tri_polys_t, dtype=np.int64)
+    if len(tri_polys_t) and np.any(np.diff(tri_polys_t) < 0):
+        raise MeshDataError("loop triangles are not grouped by polygon")
+    tris_per_poly_p = np.bincount(tri_polys_t, minlength=poly_count)
+    corner_start_p = np.cumsum(tris_per_poly_p + 2) - (tris_per_poly_p + 2)
+    first_tri_p = np.cumsum(tris_per_poly_p) - tris_per_poly_p
+    index_in_poly_t = np.arange(len(tri_polys_t)) - first_tri_p[tri_polys_t]
+    start_t = corner_start_p[tri_polys_t]
+    return np.stack([start_t, start_t + index_in_poly_t + 1, start_t + index_in_poly_t + 2], axis=1)
+
+
+def refine_split(
+    verts_vx3: np.ndarray,
+    corner_verts_l: np.ndarray,
+    tri_polys_t: np.ndarray,
+    poly_count: int,
+    loop_uvs_lx2: np.ndarray | None,
+) -> SplitMesh:
+    """A Blender mesh's arrays (positions, `.corner_vert`, loop-triangle polygons, UVs per
+    corner) to the wire format for Refine texture: fanned triangles, split by UV (no bpy)."""
+    tri_corners_tx3 = fan_triangles(tri_polys_t, poly_count)
+    if len(tri_corners_tx3) and tri_corners_tx3.max() >= len(corner_verts_l):
+        raise MeshDataError(f"the loop triangles reach corner {int(tri_corners_tx3.max())} of {len(corner_verts_l)}")
+    tri_verts_tx3 = np.asarray(corner_verts_l)[tri_corners_tx3]
+    tri_uvs = None if loop_uvs_lx2 is None else np.asarray(loop_uvs_lx2)[tri_corners_tx3]
+    return split_by_uv(verts_vx3, tri_verts_tx3, tri_uvs)
+
+
 def split_by_uv(
     verts_vx3: np.ndarray, tri_verts_tx3: np.ndarray, tri_loop_uvs_tx3x2: np.ndarray | None
 ) -> SplitMesh:
