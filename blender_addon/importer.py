@@ -82,6 +82,32 @@ def job_object(scene: bpy.types.Scene, job_item) -> bpy.types.Object:
     return obj
 
 
+def import_result(scene: bpy.types.Scene, job_id: str, prompt: str, glb: bytes) -> bpy.types.Object:
+    """A job's final GLB as a new object in the Dreamloom collection, carrying the job's id
+    (Blender's own glTF importer reads it)."""
+    fd, path = tempfile.mkstemp(suffix=".glb", prefix="dreamloom_")
+    with os.fdopen(fd, "wb") as file:
+        file.write(glb)
+    try:
+        before = set(bpy.data.objects)
+        bpy.ops.import_scene.gltf(filepath=path)
+    finally:
+        os.unlink(path)
+    meshes = [obj for obj in bpy.data.objects if obj not in before and obj.type == "MESH"]
+    if not meshes:
+        raise ValueError(f"the result of job {job_id!r} holds no mesh")
+    collection = dreamloom_collection(scene)
+    for obj in meshes:
+        for owner in list(obj.users_collection):
+            owner.objects.unlink(obj)
+        collection.objects.link(obj)
+    obj = meshes[0]
+    obj.name = object_name(prompt)
+    obj[JOB_ID_PROP] = job_id
+    obj.data[JOB_ID_PROP] = job_id
+    return obj
+
+
 def remove_orphan_meshes(job_id: str) -> int:
     """Remove the job's mesh datablocks that no object uses any more (its object was deleted)."""
     orphans = [mesh for mesh in bpy.data.meshes if mesh.get(JOB_ID_PROP) == job_id and mesh.users == 0]

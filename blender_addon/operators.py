@@ -3,6 +3,7 @@
 Scripting entry points (they work in background Blender and the bpy module):
 `bpy.ops.dreamloom.generate(prompt=..., image_path=..., quality=..., seed=..., steps="coarse=N,...")`,
 `bpy.ops.dreamloom.refine_texture(prompt=...)`, `bpy.ops.dreamloom.cancel()`,
+`bpy.ops.dreamloom.import_result(job_id=...)`,
 `bpy.ops.dreamloom.sync(timeout=SECONDS)`. An error is reported as ERROR, which a script sees as a
 RuntimeError carrying the message and the field.
 """
@@ -191,16 +192,17 @@ def refine_buffers(export: importer.RefineExport, image: bytes | None) -> dict:
 
 
 def active_job(scene: bpy.types.Scene, job_id: str):
-    """The job item named by `job_id`, else the newest unfinished one."""
+    """The job item named by `job_id`, else the running one, else the newest queued one."""
     jobs = scene.dreamloom.jobs
     if job_id:
         item = scene.dreamloom.job(job_id)
         if item is None:
             raise ValueError(f"job_id {job_id!r} is not a job of this scene")
         return item
-    for item in reversed(jobs):
-        if item.state not in ("done", "failed", "cancelled"):
-            return item
+    unfinished = [item for item in jobs if item.state not in runtime.FINISHED_STATES]
+    running = [item for item in unfinished if item.state == "running"]
+    if running or unfinished:
+        return (running or unfinished)[-1]
     raise ValueError("there is no running job to cancel")
 
 
@@ -314,6 +316,28 @@ class DREAMLOOM_OT_delete_job(Operator):
         return {"FINISHED"}
 
 
+class DREAMLOOM_OT_import_result(Operator):
+    """Bring a done job's final mesh (its GLB) into the scene as a new object"""
+
+    bl_idname = "dreamloom.import_result"
+    bl_label = "Import Result"
+
+    job_id: StringProperty(name="Job ID", description="Empty: the newest done job of this scene")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = context.scene
+        try:
+            job_id = self.job_id or next(
+                (j.job_id for j in reversed(scene.dreamloom.jobs) if j.state == "done" and j.kind == "generate"), "")
+            if not job_id:
+                raise ValueError("job_id is empty and this scene has no done generate job")
+            runtime.session().get_result(job_id, context={"import": True, "scene": scene.name})
+        except USER_ERRORS as exc:
+            return fail(self, exc)
+        ensure_timer()
+        return {"FINISHED"}
+
+
 class DREAMLOOM_OT_test_connection(Operator):
     """Connect to the backend anew; its device and models show below once it answers"""
 
@@ -385,6 +409,7 @@ CLASSES = (
     DREAMLOOM_OT_refresh_jobs,
     DREAMLOOM_OT_attach_job,
     DREAMLOOM_OT_delete_job,
+    DREAMLOOM_OT_import_result,
     DREAMLOOM_OT_test_connection,
     DREAMLOOM_OT_make_client_keys,
     DREAMLOOM_OT_start_backend,

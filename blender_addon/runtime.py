@@ -453,14 +453,14 @@ def apply_mesh(scene: bpy.types.Scene, item, pending: PendingEvent) -> None:
             if target is None:
                 raise ValueError(f"the object this job refines ({item.object_name!r}) is gone")
             importer.apply_refine_result(target, pending.prepared.result(), scene.dreamloom.refine_slots)
-            item.object_name = target.name
+            item.object_name, item.note = target.name, ""
     elif not item.detached:
         if item.object_name and importer.find_object(item.job_id, item.object_name) is None:
             detach(item)  # the artist deleted the object
             return
         importer.apply_generate_mesh(scene, item, pending.prepared.result())
+        item.note = ""
     item.stage = str(body.get("stage") or item.stage)
-    item.note = ""
 
 
 def detach(item) -> None:
@@ -526,6 +526,14 @@ def apply_reply(update: RequestDone) -> None:
     elif update.request_type == "hello":
         STATE.notes.append(" / ".join(welcome_lines()))
         reconnected()
+    elif update.request_type == "get_result" and ctx.get("import"):
+        scene = bpy.data.scenes.get(ctx.get("scene", "")) or bpy.context.scene
+        job_id = str(body.get("job_id"))
+        _scene, item = find_job(job_id)
+        obj = importer.import_result(scene, job_id, item.prompt if item else job_id, bytes(update.reply.buffers["model"]))
+        if item is not None:
+            item.object_name, item.detached, item.note = obj.name, False, ""
+        STATE.notes.append(f"imported the result of job {job_id[:8]} as {obj.name!r}")
 
 
 def fill_server_jobs(scene: bpy.types.Scene, jobs: list[dict]) -> None:
