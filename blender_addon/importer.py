@@ -78,8 +78,23 @@ def job_object(scene: bpy.types.Scene, job_item) -> bpy.types.Object:
     dreamloom_collection(scene).objects.link(obj)
     obj[JOB_ID_PROP] = job_item.job_id
     obj["dreamloom_seq"] = 0
+    obj.location = job_item.place_at
     job_item.object_name = obj.name
     return obj
+
+
+def detached_copy(obj: bpy.types.Object) -> bpy.types.Object:
+    """A frozen copy of a streamed object (its own mesh, no job id) beside it, made active."""
+    copy = obj.copy()
+    copy.data = obj.data.copy()
+    for owner in (copy, copy.data):
+        for prop in (JOB_ID_PROP, "dreamloom_seq"):
+            if prop in owner:
+                del owner[prop]
+    copy.name = f"{obj.name} (detached)"
+    for collection in obj.users_collection:
+        collection.objects.link(copy)
+    return copy
 
 
 def import_result(scene: bpy.types.Scene, job_id: str, prompt: str, glb: bytes) -> bpy.types.Object:
@@ -245,7 +260,11 @@ def _remove_material(material: bpy.types.Material) -> None:
 
 def apply_generate_mesh(scene: bpy.types.Scene, job_item, prepared: core_mesh.BlenderMesh) -> bpy.types.Object:
     """Replace the job object's mesh with the prepared one (UVs; a material when textured)."""
+    new = find_object(job_item.job_id, job_item.object_name) is None
     obj = job_object(scene, job_item)
+    if new and job_item.target_size > 0 and len(prepared.verts_vx3):
+        extent = float((prepared.verts_vx3.max(axis=0) - prepared.verts_vx3.min(axis=0)).max())
+        obj.scale = [job_item.target_size / extent if extent > 0 else 1.0] * 3
     check_editable(obj)
     try:
         replace_geometry(obj.data, prepared)

@@ -10,6 +10,8 @@ RuntimeError carrying the message and the field.
 
 from __future__ import annotations
 
+import json
+import random
 import time
 from pathlib import Path
 
@@ -82,6 +84,16 @@ def reference_image_png(settings, image_path: str) -> tuple[bytes | None, str]:
     return png, note
 
 
+def placement(context: bpy.types.Context) -> tuple[float, float, float]:
+    """Where the panel's Place At puts a new result: origin, 3D cursor, or the active object."""
+    mode = context.scene.dreamloom.placement
+    if mode == "CURSOR":
+        return tuple(context.scene.cursor.location)
+    if mode == "SELECTION" and context.active_object is not None:
+        return tuple(context.active_object.matrix_world.translation)
+    return (0.0, 0.0, 0.0)
+
+
 def ensure_timer() -> None:
     """Start the polling timer (it does nothing without an open session)."""
     if not bpy.app.timers.is_registered(runtime.timer):
@@ -119,6 +131,8 @@ class DREAMLOOM_OT_generate(Operator):
             job.prompt = self.prompt or job.prompt
             job.quality = job.quality if self.quality == "PANEL" else self.quality
             job.seed = job.seed if self.seed < 0 else self.seed
+            if scene.dreamloom.random_seed and self.seed < 0:
+                job.seed = scene.dreamloom.seed = random.randint(0, 2**31 - 1)
             if self.steps:
                 job.steps = core_settings.parse_steps(self.steps)
             # 2. Validate with the protocol's own rules.
@@ -127,7 +141,9 @@ class DREAMLOOM_OT_generate(Operator):
             buffers = {"image": image} if image is not None else {}
             _protocol.params.validate_submit("generate", params, buffers)
             # 3. Act.
-            runtime.session().submit("generate", params, buffers, context={"scene": scene.name})
+            runtime.session().submit("generate", params, buffers, context={
+                "scene": scene.name, "params": params, "place_at": placement(context),
+                "target_size": scene.dreamloom.target_size})
         except USER_ERRORS as exc:
             return fail(self, exc)
         ensure_timer()
@@ -338,6 +354,46 @@ class DREAMLOOM_OT_import_result(Operator):
         return {"FINISHED"}
 
 
+class DREAMLOOM_OT_detach_copy(Operator):
+    """Freeze a copy of a job's object for editing while the job streams on into the original"""
+
+    bl_idname = "dreamloom.detach_copy"
+    bl_label = "Detach Copy"
+
+    job_id: StringProperty(name="Job ID", description="Empty: the job of the active object")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        try:
+            job_id = self.job_id or (context.active_object.get(importer.JOB_ID_PROP, "") if context.active_object else "")
+            obj = importer.find_object(job_id) if job_id else None
+            if obj is None:
+                raise ValueError(f"job_id {job_id!r} has no object in the scene: select a streamed object")
+            copy = importer.detached_copy(obj)
+        except USER_ERRORS as exc:
+            return fail(self, exc)
+        self.report({"INFO"}, f"Dreamloom: {copy.name!r} is a frozen copy of {obj.name!r}")
+        return {"FINISHED"}
+
+
+class DREAMLOOM_OT_recall_job(Operator):
+    """Put a past job's settings back into the panel"""
+
+    bl_idname = "dreamloom.recall_job"
+    bl_label = "Recall Settings"
+
+    job_id: StringProperty(name="Job ID")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        try:
+            item = context.scene.dreamloom.job(self.job_id)
+            if item is None or not item.params_json:
+                raise ValueError(f"job_id {self.job_id!r} has no recorded settings in this scene")
+            context.scene.dreamloom.recall(json.loads(item.params_json))
+        except USER_ERRORS as exc:
+            return fail(self, exc)
+        return {"FINISHED"}
+
+
 class DREAMLOOM_OT_test_connection(Operator):
     """Connect to the backend anew; its device and models show below once it answers"""
 
@@ -410,6 +466,8 @@ CLASSES = (
     DREAMLOOM_OT_attach_job,
     DREAMLOOM_OT_delete_job,
     DREAMLOOM_OT_import_result,
+    DREAMLOOM_OT_detach_copy,
+    DREAMLOOM_OT_recall_job,
     DREAMLOOM_OT_test_connection,
     DREAMLOOM_OT_make_client_keys,
     DREAMLOOM_OT_start_backend,

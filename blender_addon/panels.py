@@ -91,7 +91,11 @@ class DREAMLOOM_PT_main(Panel):
         row.prop(settings, "texture_size", text="")
         row = layout.row(align=True)
         row.prop(settings, "seed")
+        row.prop(settings, "random_seed", text="", icon="FILE_REFRESH")
         row.prop(settings, "steps", text="", placeholder="steps: coarse=N,...")
+        row = layout.row(align=True)
+        row.prop(settings, "placement", text="")
+        row.prop(settings, "target_size")
         layout.operator("dreamloom.generate", icon="PLAY")
         # 4. The running job.
         self.draw_progress(layout, settings)
@@ -119,7 +123,9 @@ class DREAMLOOM_PT_main(Panel):
             if preview is not None:
                 preview.preview_ensure()
                 box.template_icon(icon_value=preview.preview.icon_id, scale=8.0)
-            box.operator("dreamloom.cancel", icon="CANCEL").job_id = row.job_id
+            buttons = box.row(align=True)
+            buttons.operator("dreamloom.cancel", icon="CANCEL").job_id = row.job_id
+            buttons.operator("dreamloom.detach_copy", icon="DUPLICATE").job_id = row.job_id
 
 
 class DREAMLOOM_PT_jobs(Panel):
@@ -136,6 +142,10 @@ class DREAMLOOM_PT_jobs(Panel):
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
         settings = context.scene.dreamloom
+        for job in settings.jobs:
+            row = layout.row(align=True)
+            row.label(text=f"{job.prompt[:28] or job.job_id[:8]}: {job.state}", icon="OUTLINER_OB_MESH")
+            row.operator("dreamloom.recall_job", text="", icon="RECOVER_LAST").job_id = job.job_id
         layout.operator("dreamloom.refresh_jobs", icon="FILE_REFRESH")
         followed = {j.job_id for j in settings.jobs}
         for row_data in settings.server_jobs:

@@ -10,6 +10,7 @@ unreachable, retrying" while the session reconnects with backoff and catches up 
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
@@ -458,9 +459,16 @@ def apply_mesh(scene: bpy.types.Scene, item, pending: PendingEvent) -> None:
         if item.object_name and importer.find_object(item.job_id, item.object_name) is None:
             detach(item)  # the artist deleted the object
             return
-        importer.apply_generate_mesh(scene, item, pending.prepared.result())
+        obj = importer.apply_generate_mesh(scene, item, pending.prepared.result())
         item.note = ""
+        push_undo(f"Dreamloom: {obj.name} update {pending.seq}")
     item.stage = str(body.get("stage") or item.stage)
+
+
+def push_undo(message: str) -> None:
+    """Make the applied update one undo step, where Blender has a window (not in background)."""
+    if not bpy.app.background and bpy.ops.ed.undo_push.poll():
+        bpy.ops.ed.undo_push(message=message)
 
 
 def detach(item) -> None:
@@ -507,7 +515,9 @@ def apply_reply(update: RequestDone) -> None:
     body, ctx = update.reply.body, update.context
     if update.request_type == "submit":
         scene = bpy.data.scenes.get(ctx.get("scene", "")) or bpy.context.scene
-        add_job_item(scene, str(body["job_id"]), ctx["kind"], ctx.get("prompt", ""), ctx.get("object_name", ""))
+        item = add_job_item(scene, str(body["job_id"]), ctx["kind"], ctx.get("prompt", ""), ctx.get("object_name", ""))
+        item.params_json = json.dumps(ctx.get("params") or {})
+        item.place_at, item.target_size = ctx.get("place_at", (0.0, 0.0, 0.0)), float(ctx.get("target_size", 0.0))
         if ctx.get("object_name"):
             obj = bpy.data.objects.get(ctx["object_name"])
             if obj is not None and ctx["kind"] == "refine_texture":

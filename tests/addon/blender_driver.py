@@ -670,6 +670,30 @@ def scenario_bad_mesh(args) -> dict:
     return result
 
 
+
+def scenario_placement(args) -> dict:
+    """Land at the 3D cursor at a chosen size with a random seed; detach a copy; recall settings."""
+    install(args.zip)
+    use_backend(args.address)
+    settings = bpy.context.scene.dreamloom
+    bpy.context.scene.cursor.location = (4.0, 5.0, 6.0)
+    settings.placement, settings.target_size, settings.random_seed = "CURSOR", 2.0, True
+    settings.prompt, settings.seed, settings.quality = "a spot cow", 0, "draft"
+    item, obj = first_mesh(args, prompt="a spot cow")
+    drawn_seed = settings.seed
+    landed = {"location": list(obj.location), "size": max(obj.dimensions)}
+    bpy.ops.dreamloom.detach_copy(job_id=item.job_id)
+    copy = bpy.data.objects[f"{obj.name} (detached)"]
+    copy_top = max(v.co.z for v in copy.data.vertices)
+    pump_until(job_finished, args.timeout)
+    settings.prompt, settings.seed, settings.quality = "something else", 1, "high"
+    bpy.ops.dreamloom.recall_job(job_id=item.job_id)
+    return {**landed, "drawn_seed": drawn_seed, "sent_seed": json.loads(scene_job().params_json)["seed"],
+            "copy_job_id": copy.get("dreamloom_job_id"), "copy_mesh_shared": copy.data == obj.data,
+            "copy_frozen": max(v.co.z for v in copy.data.vertices) == copy_top,
+            "original_moved_on": max(v.co.z for v in obj.data.vertices) != copy_top,
+            "recalled": [settings.prompt, settings.seed, settings.quality], "job_state": scene_job().state}
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 

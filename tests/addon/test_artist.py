@@ -115,3 +115,12 @@ def test_bad_mesh_events_are_refused_before_bpy(addon_zip: Path, tmp_path: Path)
     assert len(result["problems"]) == 3  # one line each
     assert result["mesh_valid"] and result["faces"] == 5856 and result["edges"] == 2930 + 5856 - 2
     assert result["last_seq"] == result["object_seq"] == 4
+
+
+def test_placement_size_random_seed_detach_and_recall(addon_zip: Path, tmp_path: Path, mesh_server: ServerProcess):
+    result = blender("placement", addon_zip, tmp_path, "--address", mesh_server.address, "--steps", SHORT)
+    assert result["location"] == [4.0, 5.0, 6.0] and abs(result["size"] - 2.0) < 0.25  # the first mesh is 2 m long
+    assert result["drawn_seed"] == result["sent_seed"] != 0
+    assert result["copy_job_id"] is None and not result["copy_mesh_shared"]
+    assert result["copy_frozen"] and result["original_moved_on"] and result["job_state"] == "done"
+    assert result["recalled"] == ["a spot cow", result["drawn_seed"], "draft"]
