@@ -91,7 +91,7 @@ class DREAMLOOM_PT_main(Panel):
         row.prop(settings, "texture_size", text="")
         row = layout.row(align=True)
         row.prop(settings, "seed")
-        row.prop(settings, "random_seed", text="", icon="FILE_REFRESH")
+        row.prop(settings, "random_seed", text="Random", icon="FILE_REFRESH")
         row.prop(settings, "steps", text="", placeholder="steps: coarse=N,...")
         row = layout.row(align=True)
         row.prop(settings, "placement", text="")
