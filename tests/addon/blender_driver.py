@@ -302,6 +302,14 @@ def scenario_bad_input(args) -> dict:
     return messages
 
 
+def wire_event(record, seq: int, body: dict, buffers: dict):
+    """A job event as the session hands it over: built, then encoded and decoded by the wire codec."""
+    protocol = sys.modules[f"{MODULE}.core._protocol"]
+    session = sys.modules[f"{MODULE}.core.session"]
+    message = protocol.Message(type="event", job_id=record.job_id, seq=seq, body=body, buffers=buffers)
+    return session.JobEvent(record, protocol.codec.decode(protocol.codec.encode(message)))
+
+
 def apply_now(runtime, update) -> None:
     """Queue a job event as the session would hand it over, and apply it once it is prepared."""
     runtime.dispatch(update)
@@ -519,26 +527,22 @@ def scenario_two_jobs(args) -> dict:
             "second_after_cancel": second_after_cancel}
 
 
-def refine_event(runtime, protocol, jobs, session, obj, job_id: str, texture: bytes):
+def refine_event(obj, job_id: str, texture: bytes):
     """The final mesh event a refine job of `obj` sends back: its own triangles and UVs and a
     new texture, through the wire codec."""
     importer = sys.modules[f"{MODULE}.importer"]
+    jobs = sys.modules[f"{MODULE}.core.jobs"]
     split = importer.export_for_refine(obj, bpy.context.evaluated_depsgraph_get()).split()
-    message = protocol.Message(type="event", job_id=job_id, seq=1,
-                               body={"event": "mesh", "stage": "texture", "step": 1, "final": True},
-                               buffers={"positions": split.positions_nx3, "faces": split.faces_mx3,
-                                        "uvs": split.uvs_nx2, "texture": texture})
     record = jobs.JobRecord(job_id=job_id, kind="refine_texture", last_seq=1)
-    return session.JobEvent(record, protocol.codec.decode(protocol.codec.encode(message)))
+    return wire_event(record, 1, {"event": "mesh", "stage": "texture", "step": 1, "final": True},
+                      {"positions": split.positions_nx3, "faces": split.faces_mx3, "uvs": split.uvs_nx2,
+                       "texture": texture})
 
 
 def scenario_refine_slots(args) -> dict:
     """Refine on cubes with 3 materials (2 faces each): every slot, or the active one only."""
     install(args.zip)
     runtime = runtime_module()
-    protocol = sys.modules[f"{MODULE}.core._protocol"]
-    jobs = sys.modules[f"{MODULE}.core.jobs"]
-    session = sys.modules[f"{MODULE}.core.session"]
     texture = (args.mesh.parent / "spot_texture.png").read_bytes()
     result = {}
     for index, slots in enumerate(("ALL", "ACTIVE")):
@@ -553,7 +557,7 @@ def scenario_refine_slots(args) -> dict:
         job_id = f"{index + 1:032x}"
         cube["dreamloom_refine_job_id"] = job_id
         runtime.add_job_item(bpy.context.scene, job_id, "refine_texture", "refined", cube.name)
-        apply_now(runtime, refine_event(runtime, protocol, jobs, session, cube, job_id, texture))
+        apply_now(runtime, refine_event(cube, job_id, texture))
         result[slots] = {"slots": [s.material.name for s in cube.material_slots], "note": scene_job().note,
                          "face_materials": [cube.material_slots[p.material_index].material.name for p in cube.data.polygons]}
     bpy.ops.wm.save_as_mainfile(filepath=str(args.save))
@@ -642,8 +646,6 @@ def scenario_bad_mesh(args) -> dict:
     runtime = runtime_module()
     core_mesh = sys.modules[f"{MODULE}.core.mesh"]
     jobs = sys.modules[f"{MODULE}.core.jobs"]
-    session = sys.modules[f"{MODULE}.core.session"]
-    protocol = sys.modules[f"{MODULE}.core._protocol"]
     verts, tris, tri_uvs = read_obj(args.mesh)
     split = core_mesh.split_by_uv(verts, tris, tri_uvs)
     good = {"positions": split.positions_nx3, "faces": split.faces_mx3, "uvs": split.uvs_nx2}
@@ -656,9 +658,8 @@ def scenario_bad_mesh(args) -> dict:
     record = jobs.JobRecord(job_id=item.job_id)
     result = {"notes": {}}
     for seq, (name, buffers) in enumerate([("good", good), *bad.items()], start=1):
-        message = protocol.Message(type="event", job_id=item.job_id, seq=seq,
-                                   body={"event": "mesh", "stage": "geometry", "step": seq, "final": False}, buffers=buffers)
-        apply_now(runtime, session.JobEvent(record, protocol.codec.decode(protocol.codec.encode(message))))
+        body = {"event": "mesh", "stage": "geometry", "step": seq, "final": False}
+        apply_now(runtime, wire_event(record, seq, body, buffers))
         obj = bpy.data.objects[item.object_name]
         result["notes"][name] = scene_job().note
         result.setdefault("verts", []).append(len(obj.data.vertices))
