@@ -418,8 +418,8 @@ def apply_waiting() -> int:
             except importer.UpdateWaits as exc:
                 item.note = f"update {pending.seq} waits: {exc}"
                 break
-            except (core_mesh.MeshDataError, ValueError, RuntimeError) as exc:
-                item.note = f"mesh event {pending.seq} refused: {exc}"
+            except Exception as exc:  # bad mesh data (MeshDataError) or a fault: this event only
+                item.note = f"event {pending.seq} refused: {exc}"
                 record_problem(Problem(f"job '{item.prompt[:40]}': {item.note}"))
             STATE.queue.pop(job_id)
             mark_applied(item, pending.seq)
