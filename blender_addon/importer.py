@@ -135,6 +135,8 @@ def check_editable(obj: bpy.types.Object) -> None:
     """Raise UpdateWaits when the object's mesh cannot take new geometry now."""
     if obj.mode == "EDIT" or obj.data.is_editmode:
         raise UpdateWaits(f"leave Edit Mode on {obj.name!r} to apply the newest mesh")
+    if obj.mode == "SCULPT":  # sculpt mode holds its own copy of the geometry
+        raise UpdateWaits(f"leave Sculpt Mode on {obj.name!r} to apply the newest mesh")
 
 
 def replace_geometry(mesh: bpy.types.Mesh, prepared: core_mesh.BlenderMesh) -> None:
