@@ -140,23 +140,45 @@ def check_editable(obj: bpy.types.Object) -> None:
 
 
 def replace_geometry(mesh: bpy.types.Mesh, prepared: core_mesh.BlenderMesh) -> None:
-    """Swap the mesh's geometry for `prepared` (materials kept; UVs and attributes start over)."""
-    mesh.clear_geometry()
-    mesh.vertices.add(len(prepared.verts_vx3))
-    mesh.attributes["position"].data.foreach_set("vector", prepared.verts_vx3.ravel())
-    mesh.edges.add(len(prepared.edge_verts_ex2))
-    mesh.attributes[".edge_verts"].data.foreach_set("value", prepared.edge_verts_ex2.ravel())
-    mesh.loops.add(len(prepared.corner_verts_l))
-    mesh.attributes[".corner_vert"].data.foreach_set("value", prepared.corner_verts_l)
-    mesh.attributes[".corner_edge"].data.foreach_set("value", prepared.corner_edges_l)
-    mesh.polygons.add(prepared.face_count)
-    mesh.polygons.foreach_set("loop_start", prepared.loop_starts_f)
+    """Swap the mesh's geometry for `prepared` (materials kept). When the triangles are the ones
+    the mesh already has (the texture stage streams one topology), only the positions move;
+    otherwise the geometry is rebuilt and its other attributes start over."""
+    if has_triangles(mesh, prepared):
+        mesh.attributes["position"].data.foreach_set("vector", prepared.verts_vx3.ravel())
+    else:
+        mesh.clear_geometry()
+        mesh.vertices.add(len(prepared.verts_vx3))
+        mesh.attributes["position"].data.foreach_set("vector", prepared.verts_vx3.ravel())
+        mesh.edges.add(len(prepared.edge_verts_ex2))
+        mesh.attributes[".edge_verts"].data.foreach_set("value", prepared.edge_verts_ex2.ravel())
+        mesh.loops.add(len(prepared.corner_verts_l))
+        mesh.attributes[".corner_vert"].data.foreach_set("value", prepared.corner_verts_l)
+        mesh.attributes[".corner_edge"].data.foreach_set("value", prepared.corner_edges_l)
+        mesh.polygons.add(prepared.face_count)
+        mesh.polygons.foreach_set("loop_start", prepared.loop_starts_f)
     if prepared.loop_uvs_lx2 is not None:
         set_loop_uvs(mesh, UV_MAP_NAME, prepared.loop_uvs_lx2)
+    elif mesh.attributes.get(UV_MAP_NAME) is not None:
+        mesh.attributes.remove(mesh.attributes[UV_MAP_NAME])
     if prepared.loop_colors_lx4 is not None:
-        attribute = mesh.color_attributes.new("Color", "FLOAT_COLOR", "CORNER")
+        attribute = mesh.color_attributes.get("Color") or mesh.color_attributes.new("Color", "FLOAT_COLOR", "CORNER")
         attribute.data.foreach_set("color", prepared.loop_colors_lx4.ravel())
     mesh.update()
+
+
+def has_triangles(mesh: bpy.types.Mesh, prepared: core_mesh.BlenderMesh) -> bool:
+    """True when the mesh is exactly the prepared triangles on as many vertices (no shape keys).
+
+    F faces holding 3F corners are all triangles (a face has at least 3), so their starts are
+    0, 3, 6...; equal corner vertices then mean equal faces, and the edges already fit them.
+    """
+    face_count = prepared.face_count
+    if (mesh.shape_keys is not None or len(mesh.polygons) != face_count or len(mesh.loops) != 3 * face_count
+            or len(mesh.vertices) != len(prepared.verts_vx3) or len(mesh.edges) != len(prepared.edge_verts_ex2)):
+        return False
+    corner_verts_l = np.empty(3 * face_count, dtype=np.int32)
+    mesh.attributes[".corner_vert"].data.foreach_get("value", corner_verts_l)
+    return bool(np.array_equal(corner_verts_l, prepared.corner_verts_l))
 
 
 def set_loop_uvs(mesh: bpy.types.Mesh, name: str, loop_uvs_lx2: np.ndarray) -> None:

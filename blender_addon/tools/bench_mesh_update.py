@@ -8,6 +8,8 @@ folder, and times what runs on Blender's main thread, the part that freezes the 
 - `update 100k`: one `mesh` event of a 100k-face torus with UVs split along its seams, from its
   wire frames: decoding, queueing, and applying it once the worker thread has prepared it.
 - `update 500k + 2048 texture`: the same at 500k faces with a 2048² PNG texture.
+- `then same 500k moved`: the 500k event, then the same triangles moved (the texture stage streams
+  one topology), applied one after the other: the second only moves the positions.
 - `catch-up 31 bunnies`: 31 Stanford-bunny mesh events arriving together (a file reopened while
   its job streamed): all of them decoded and queued, the newest applied.
 - `refine export 600k tris`: Refine Texture's export of a 300k-quad mesh with a UV map: reading
@@ -94,31 +96,36 @@ class Addon:
         message = self.protocol.Message(type="event", job_id=job_id, seq=seq, body=body, buffers=buffers)
         return [bytes(frame) for frame in self.protocol.codec.encode(message)]
 
-    def stream(self, buffers_list: list[dict]) -> tuple[float, float]:
+    def stream(self, buffers_list: list[dict], already: list[dict] = ()) -> tuple[float, float]:
         """Main-thread seconds to decode, queue and apply these events of a new job (all arrive
-        together; the job's object ends up with the last), and the worker's seconds."""
+        together; the job's object ends up with the last), and the worker's seconds. The events
+        in `already` are applied first, untimed."""
         self.count += 1
         job_id = f"{self.count:032x}"
         item = self.runtime.add_job_item(self.bpy.context.scene, job_id, "generate", f"bench {self.count}")
         record = self.jobs.JobRecord(job_id=job_id)
-        wire = [self.frames(job_id, seq, b) for seq, b in enumerate(buffers_list, start=1)]
-        main_s = 0.0
+        wire = [self.frames(job_id, seq, b) for seq, b in enumerate([*already, *buffers_list], start=1)]
+        self.apply(record, wire[:len(already)])
+        main_s, worker_s = self.apply(record, wire[len(already):])
+        if item.note:
+            raise RuntimeError(item.note)
+        return main_s, worker_s
+
+    def apply(self, record, wire: list[list[bytes]]) -> tuple[float, float]:
+        """Decode and queue the messages, then apply them once prepared: (main, worker) seconds."""
         start = time.perf_counter()
         for frames in wire:  # what pump() does with each message off the socket
             message = self.protocol.codec.decode(frames)
             for event in record.accept(int(message.seq), message):
                 self.runtime.dispatch(self.session.JobEvent(record, event))
-        main_s += time.perf_counter() - start
+        main_s = time.perf_counter() - start
         worker_start = time.perf_counter()
-        while self.runtime.STATE.queue.waiting(job_id):
+        while self.runtime.STATE.queue.waiting(record.job_id):
             start = time.perf_counter()
             self.runtime.apply_waiting()
             main_s += time.perf_counter() - start
             time.sleep(0.001)
-        worker_s = time.perf_counter() - worker_start
-        if item.note:
-            raise RuntimeError(item.note)
-        return main_s, worker_s
+        return main_s, time.perf_counter() - worker_start
 
 
 def read_bunny() -> tuple[np.ndarray, np.ndarray]:
@@ -179,11 +186,13 @@ def main(argv: list[str]) -> int:
     large = {"positions": positions, "faces": tris, "uvs": uvs, "texture": png(2048)}
     verts, faces = read_bunny()
     bunnies = [{"positions": verts * np.float32(1 + 0.01 * i), "faces": faces} for i in range(31)]
-    cases = [(f"update {len(small['faces']) // 1000}k", [small]),
-             (f"update {len(large['faces']) // 1000}k + 2048 texture", [large]),
-             ("catch-up 31 bunnies", bunnies)]
-    for name, events in cases:
-        runs = [addon.stream(events) for _ in range(args.repeat)]
+    moved = {**large, "positions": large["positions"] * np.float32(1.1)}
+    cases = [(f"update {len(small['faces']) // 1000}k", [small], []),
+             (f"update {len(large['faces']) // 1000}k + 2048 texture", [large], []),
+             (f"then same {len(large['faces']) // 1000}k moved", [moved], [large]),
+             ("catch-up 31 bunnies", bunnies, [])]
+    for name, events, already in cases:
+        runs = [addon.stream(events, already) for _ in range(args.repeat)]
         print(summary(name, [m for m, _ in runs], [w for _, w in runs]), flush=True)
     exports = [refine_export_s(bpy, addon.importer, 600_000) for _ in range(args.repeat)]
     print(summary("refine export 600k tris", [m for m, _ in exports], [w for _, w in exports]), flush=True)
