@@ -76,6 +76,7 @@ def unregister() -> None:
         bpy.app.handlers.load_post.remove(_on_load_post)
     runtime.stop_local_backend()
     runtime.close_session()
+    runtime.STATE.queue.close()
     properties.detach()
     for cls in reversed(_classes()):
         bpy.utils.unregister_class(cls)

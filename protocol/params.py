@@ -221,10 +221,13 @@ def _steps(value: Any, path: str, allowed: tuple[str, ...]) -> StepOverrides:
     return StepOverrides(**counts)
 
 
-def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...]) -> dict[str, Any]:
-    """Every params field, validated, defaults filled; keyword arguments for either dataclass."""
-    if "prompt" not in raw:
-        raise _fail("params.prompt", "params.prompt is required")
+def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...], has_image: bool) -> dict[str, Any]:
+    """Every params field, validated, defaults filled; keyword arguments for either dataclass.
+
+    The prompt may be empty (or left out) only when a reference image is sent.
+    """
+    if not has_image and not str(raw.get("prompt") or "").strip():
+        raise _fail("params.prompt", "params.prompt is required and must not be empty when no buffers.image is sent")
     quality = raw.get("quality", "standard")
     if quality not in QUALITIES:
         raise _fail("params.quality", f"params.quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
@@ -235,7 +238,7 @@ def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...]) -> dict[str, An
             f"params.texture_size must be one of {', '.join(map(str, TEXTURE_SIZES))}, got {texture_size!r}",
         )
     return dict(
-        prompt=_text(raw["prompt"], "params.prompt", 1),
+        prompt=_text(raw.get("prompt", ""), "params.prompt", 0),
         negative_prompt=_text(raw.get("negative_prompt", ""), "params.negative_prompt", 0),
         camera=_camera(raw.get("camera", {}), "params.camera"),
         quality=quality,
@@ -390,10 +393,11 @@ def validate_submit(kind: Any, params: Any, buffers: Mapping[str, Any]) -> JobPa
         if name not in KIND_BUFFERS[kind]:
             raise _fail(f"buffers.{name}", f"a {kind} job takes the buffers {', '.join(KIND_BUFFERS[kind])}; "
                                            f"got {name!r}")
+    has_image = "image" in buffers
     if kind == JobKind.GENERATE:
-        result: JobParams = GenerateParams(**_common_fields(raw, ("coarse", "geometry", "texture")))
+        result: JobParams = GenerateParams(**_common_fields(raw, ("coarse", "geometry", "texture"), has_image))
     else:
-        result = RefineParams(**_common_fields(raw, ("texture",)))
+        result = RefineParams(**_common_fields(raw, ("texture",), has_image))
         _mesh_buffers(buffers)
     if "image" in buffers:
         _image_buffer(buffers["image"], "buffers.image", png_only=False)

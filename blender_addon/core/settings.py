@@ -111,11 +111,11 @@ def parse_steps(text: str, allowed: tuple[str, ...] = STAGES) -> dict[str, int]:
     return steps
 
 
-def generate_params(settings: JobSettings) -> dict:
-    """The `params` map of a `generate` submit."""
+def generate_params(settings: JobSettings, has_image: bool = False) -> dict:
+    """The `params` map of a `generate` submit; the prompt may be empty when an image is sent."""
     prompt = settings.prompt.strip()
-    if not prompt:
-        raise SettingsError("params.prompt", "params.prompt: type a prompt first (it is empty)")
+    if not prompt and not has_image:
+        raise SettingsError("params.prompt", "params.prompt: type a prompt or choose a reference image first (both are empty)")
     if settings.quality not in QUALITIES:
         raise SettingsError("params.quality", f"params.quality: {settings.quality!r} is not one of {QUALITIES}")
     return {
@@ -131,9 +131,9 @@ def generate_params(settings: JobSettings) -> dict:
     }
 
 
-def refine_params(settings: JobSettings) -> dict:
+def refine_params(settings: JobSettings, has_image: bool = False) -> dict:
     """The `params` map of a `refine_texture` submit (only a `texture` step override is kept)."""
     unknown = sorted(set(settings.steps) - {"texture"})
     if unknown:
         raise SettingsError("steps", f"steps: refine texture runs only the texture stage, not {', '.join(unknown)}")
-    return generate_params(settings)
+    return generate_params(settings, has_image)

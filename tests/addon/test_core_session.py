@@ -164,3 +164,49 @@ def test_half_a_key_setup_names_the_missing_preference():
     with pytest.raises(SessionError) as info:
         ClientSession(ConnectionSettings(address="tcp://127.0.0.1:5555", server_public_key="x" * 40))
     assert info.value.field == "client_keys_dir"
+
+
+def test_heartbeat_tells_a_backend_that_stopped_answering(tmp_path: Path):
+    from blender_addon.core.session import HEARTBEAT_MISSES, HEARTBEAT_S
+    from tests.backend.mesh_runner import start_server_process
+
+    server = start_server_process(tmp_path / "store", tmp_path / "server.log", "--step-delay", "0.05")
+    session = ClientSession(ConnectionSettings(address=server.address))
+    try:
+        session.hello()
+        job_id, _ = submit(session, steps={"coarse": 400})
+        pump_until(session, lambda u: session.jobs[job_id].last_seq >= 3)
+        server.kill()
+        killed_at = time.monotonic()
+        updates = pump_until(session, lambda u: any(isinstance(x, RequestFailed) for x in u), timeout_s=30)
+        failed = next(x for x in updates if isinstance(x, RequestFailed))
+        assert failed.code == "timeout" and failed.context.get("heartbeat")
+        assert time.monotonic() - killed_at <= HEARTBEAT_S * (HEARTBEAT_MISSES + 1) + 1.0
+    finally:
+        session.close()
+        server.kill()
+
+
+def test_a_backend_restarted_between_heartbeats_is_subscribed_again(tmp_path: Path):
+    """Killed and restarted on the same address and store before a heartbeat is missed: the new
+    server knows nothing of the subscription; the heartbeats show it ahead and the session
+    subscribes again from its last received seq, without duplicates."""
+    from tests.backend.mesh_runner import start_server_process
+
+    server = start_server_process(tmp_path / "store", tmp_path / "server1.log", "--step-delay", "0.02")
+    session = ClientSession(ConnectionSettings(address=server.address))
+    try:
+        session.hello()
+        job_id, updates = submit(session, steps={"coarse": 150})
+        updates += pump_until(session, lambda u: session.jobs[job_id].last_seq >= 3)
+        server.kill()
+        server = start_server_process(tmp_path / "store", tmp_path / "server2.log", "--step-delay", "0.02",
+                                      bind=server.address)
+        updates += pump_until(session, lambda u: session.jobs[job_id].finished, timeout_s=60)
+        seqs = [u.seq for u in updates if isinstance(u, JobEvent)]
+        assert seqs == list(range(1, len(seqs) + 1))  # every event once, in order
+        assert session.jobs[job_id].state == "done"
+        assert not [u for u in updates if isinstance(u, RequestFailed)]
+    finally:
+        session.close()
+        server.kill()
