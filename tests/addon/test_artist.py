@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.addon.test_blender import SHARED, addon_zip, blender, mesh_server  # noqa: F401 (fixtures)
+from tests.addon.test_blender import SHARED, blender, mesh_server  # noqa: F401 (fixtures)
 from tests.backend.mesh_runner import ServerProcess
 
 SPOT = SHARED / "meshes" / "spot.obj"
