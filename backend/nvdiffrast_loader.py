@@ -100,3 +100,23 @@ def load_nvdiffrast() -> ModuleType:
         ) from error
     _loaded = dr
     return dr
+
+
+def main() -> int:
+    """`python -m backend.nvdiffrast_loader`: build (if needed) and load the plugin; print one JSON
+    line with its folder and the seconds it took, or one line saying why it cannot."""
+    import json
+    import time
+
+    started = time.perf_counter()
+    try:
+        load_nvdiffrast()
+    except NvdiffrastUnavailable as error:
+        print(f"python -m backend.nvdiffrast_loader: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps({"plugin": plugin_build_directory(gl=False), "seconds": round(time.perf_counter() - started, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
