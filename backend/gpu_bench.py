@@ -344,8 +344,9 @@ def describe(step: Step) -> str:
         lines = Path(step.log).read_text(errors="replace").strip().splitlines()
         last = f"exit {step.exit_code}: {lines[-1][:200] if lines else '(no output)'}"
         return "; ".join(part for part in (last, step.note) if part)
-    if not step.results:
-        return step.note
+    if not step.results:  # what it printed last is what it had
+        lines = Path(step.log).read_text(errors="replace").strip().splitlines() if step.log else []
+        return "; ".join(part for part in (step.note, lines[-1][:200] if lines else "") if part)
     try:
         text = _describe(step.name, step.results)
     except (KeyError, TypeError, IndexError):  # a stopped part may have left half a report
@@ -359,8 +360,9 @@ def targets(steps: list[Step]) -> dict:
     checks: dict[str, dict] = {}
     pipeline, guidance = found.get("pipeline"), found.get("guidance")
     if isinstance(pipeline, dict) and pipeline.get("stages") and pipeline.get("quality") == "standard":
-        checks["total_min"] = {"value": pipeline["extrapolated_total_s"] / 60}
-        checks["peak_gib"] = {"value": pipeline["peak_memory_gib"]}
+        if {s["stage"] for s in pipeline["stages"]} == {"coarse", "geometry", "texture"}:  # not a stopped run
+            checks["total_min"] = {"value": pipeline["extrapolated_total_s"] / 60}
+            checks["peak_gib"] = {"value": pipeline["peak_memory_gib"]}
         if pipeline["first_mesh_s"] > 0:
             checks["first_mesh_s"] = {"value": pipeline["first_mesh_s"]}
         coarse = next((s for s in pipeline["stages"] if s["stage"] == "coarse"), None)

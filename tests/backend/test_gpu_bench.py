@@ -88,13 +88,15 @@ def test_a_part_that_ends_in_time_reports_its_exit(tmp_path: Path) -> None:
 def test_the_targets_read_the_standard_pipeline_and_the_guidance_bench() -> None:
     pipeline = Step("pipeline", "", [], 1.0, 1.0, status="ok", results={
         "quality": "standard", "extrapolated_total_s": 900.0, "peak_memory_gib": 21.0, "first_mesh_s": 40.0,
-        "stages": [{"stage": "coarse", "ms_per_step": 120.0}]})
+        "stages": [{"stage": stage, "ms_per_step": 120.0} for stage in ("coarse", "geometry", "texture")]})
     guidance = Step("guidance", "", [], 1.0, 1.0, status="ok", results={"hybrid_step_ms": 100.0})
     checks = gpu_bench.targets([pipeline, guidance])
     assert checks["total_min"] == {"value": 15.0, "target": 20.0, "met": True}
     assert checks["peak_gib"]["met"] is False  # 21 GiB is over 20 GB
     assert checks["first_mesh_s"]["met"] is True
     assert checks["step_ratio"]["value"] == pytest.approx(1.2) and checks["step_ratio"]["met"] is True
+    pipeline.results["stages"] = pipeline.results["stages"][:1]  # stopped in the coarse stage
+    assert set(gpu_bench.targets([pipeline, guidance])) == {"first_mesh_s", "step_ratio"}
     pipeline.results["quality"] = "tiny"  # a CPU run is no standard run
     assert gpu_bench.targets([pipeline, guidance]) == {}
 
@@ -134,3 +136,30 @@ def test_cpu_run_end_to_end_through_build_py(tmp_path: Path) -> None:
     assert steps["dmtet"]["results"][0]["resolution"] == 16 and steps["dmtet"]["results"][0]["mesh_faces"] > 0
     assert (out / "table.md").read_text().strip() in result.stdout
     assert {"cuda-tests.log", "hashgrid.log", "dmtet.log", "hashgrid.json"} <= {p.name for p in out.iterdir()}
+
+
+@pytest.mark.slow
+def test_the_pipeline_bench_reports_what_it_had_when_its_slot_ends(tmp_path: Path) -> None:
+    """SIGTERM once the coarse stage runs: the stage so far is closed, extrapolated and written."""
+    report_path = tmp_path / "pipeline.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backend.pipeline_bench", "--device", "cpu", "--models", "tiny",
+         "--steps", "coarse=400,geometry=1,texture=1", "--texture-size", "256", "--json", str(report_path)],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # the running log: "[   4.1 s] stage coarse (400 steps)"
+        if "stage coarse" in line:
+            break
+    time.sleep(3.0)  # a few coarse steps
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 3, stdout
+    report = json.loads(report_path.read_text())
+    assert report["stopped"].startswith("SIGTERM in coarse step ")
+    (coarse,) = report["stages"]
+    assert coarse["steps"] == 400 and 1 <= coarse["steps_done"] < 400 and coarse["full_steps"] == 12
+    # At the tiny preset's 12 steps: the seconds so far plus the mean step for each step not run.
+    missing = max(0, 12 - coarse["steps_done"]) * coarse["ms_per_step"] / 1000
+    assert coarse["extrapolated_s"] == pytest.approx(coarse["seconds"] + missing)
+    assert report["extrapolated_total_s"] == pytest.approx(report["total_s"] + missing)
+    assert "stopped: SIGTERM in coarse step" in stdout
