@@ -198,12 +198,16 @@ def wheel_dependencies(site: Path) -> list[str]:
     return needed
 
 
+def require_packaging() -> None:
+    """The wheel-tag and requirement parser everything here uses (pip's own is not importable)."""
+    try:
+        import packaging  # noqa: F401
+    except ImportError:
+        raise SystemPythonError(f"{sys.executable} has no `packaging`, which reading wheels and versions needs") from None
+
+
 def check(site: Path | None, extra: tuple[str, ...] = ()) -> None:
     """Raise one line naming every requirement this interpreter (with `site` first) does not meet."""
-    try:
-        import packaging  # noqa: F401  (the requirement parser)
-    except ImportError:
-        raise SystemPythonError(f"{sys.executable} has no `packaging`, which the version check needs") from None
     path = ([str(site)] if site is not None else []) + sys.path
     needed = list(SYSTEM_REQUIREMENTS) + list(extra) + (wheel_dependencies(site) if site is not None else [])
     problems = list(dict.fromkeys(unfit_requirements(needed, path)))
@@ -238,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("args", nargs=argparse.REMAINDER, help="-- then the arguments for python")
     args = parser.parse_args(argv)
     try:
+        require_packaging()
         if args.command == "wheelhouse":
             wheelhouse(args.to, args.python, args.platform)
             return 0
