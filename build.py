@@ -5,8 +5,15 @@
     python build.py test [ARGS]      set up (also .venv-bpy52: bpy 5.2.3 on Python 3.13, for the
                                      add-on's tests), then run the whole test suite (ARGS go to pytest)
     python build.py serve [FLAGS]    set up, then start the backend (FLAGS go to `backend serve`)
-    python build.py gpu-bench        on a CUDA machine: the GPU tests and every GPU benchmark,
-                                     logs and JSON in out/gpu-bench/ (numbers for docs/benchmarks.md)
+    python build.py gpu-bench [FLAGS]
+                                     on a CUDA machine: the GPU tests and the GPU benchmarks in one
+                                     time budget (--budget-s 480), logs and summary.json in
+                                     out/gpu-bench/; --dry-run prints the plan (docs/benchmarks.md)
+    python build.py serve|gpu-bench --system-python [--wheels DIR] [FLAGS]
+                                     the same on this interpreter's own PyTorch, offline: DIR's
+                                     wheels go into a folder of their own (docs/server.md)
+    python build.py wheelhouse [--python 3.12] [--platform manylinux_2_28_x86_64] --to DIR
+                                     where PyPI is reachable: the pinned wheels a PyTorch box lacks
     python build.py addon            build the Blender extension: dist/dreamloom-<version>.zip
     python build.py demo [--models tiny|default]
                                      set up, build the extension, install it into the bpy module,
@@ -265,70 +272,42 @@ def demo(python: Path, args: list[str]) -> int:
                         "--out", str(ROOT / "out"), "--python", str(python), *args])
 
 
-MESHES = ROOT.parent / "shared" / "meshes"
-GPU_BENCH = (
-    ("cuda-tests", ["-m", "pytest", "-q", "-ra", "-m", "cuda", "tests"]),
-    ("hashgrid", ["-m", "backend.hashgrid", "--bench", "--device", "cuda", "--points", "262144"]),
-    ("neus", ["-m", "backend.neus", "--bench", "--device", "cuda", "--rays", "4096", "--samples", "64"]),
-    ("raster-nvdiffrast", ["-m", "backend.raster", "bench", "--device", "cuda", "--kind", "nvdiffrast"]),
-    ("raster-torch", ["-m", "backend.raster", "bench", "--device", "cuda", "--kind", "torch"]),
-    ("dmtet", ["-m", "backend.dmtet", "bench", "--device", "cuda", "64", "128", "256"]),
-    ("guidance", ["-m", "backend.guidance.bench", "--device", "cuda"]),
-    ("reconstruct-spot", ["-m", "backend.bench", "reconstruct", "--mesh", str(MESHES / "spot.obj"),
-                          "--texture", str(MESHES / "spot_texture.png"), "--device", "cuda",
-                          "--quality", "standard", "--out", "out/gpu-bench/spot"]),
-    ("reconstruct-bunny", ["-m", "backend.bench", "reconstruct", "--mesh", str(MESHES / "stanford-bunny.obj"),
-                           "--device", "cuda", "--quality", "standard", "--out", "out/gpu-bench/bunny"]),
-    ("reconstruct-teapot", ["-m", "backend.bench", "reconstruct", "--mesh", str(MESHES / "teapot.obj"),
-                            "--device", "cuda", "--quality", "standard", "--out", "out/gpu-bench/teapot"]),
-    ("pipeline", ["-m", "backend.pipeline_bench", "--device", "cuda", "--quality", "standard",
-                  "--json", "out/gpu-bench/pipeline.json"]),
-)
-"""The GPU checks and benchmarks whose numbers docs/benchmarks.md records, in order."""
-
-
-def gpu_bench(python: Path) -> int:
-    """Run every entry of GPU_BENCH, each logged to out/gpu-bench/<name>.log; go on past failures."""
-    out = ROOT / "out" / "gpu-bench"
-    out.mkdir(parents=True, exist_ok=True)
-    failed = []
-    for name, args in GPU_BENCH:
-        print(f"build.py: gpu-bench {name}: python {' '.join(args)}", flush=True)
-        with (out / f"{name}.log").open("w") as log:
-            code = subprocess.run([str(python), *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                  env=dict(os.environ, PYTHONPATH=str(ROOT))).returncode
-        last = (out / f"{name}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-        print(f"    exit {code}: {last[0][:300]}", flush=True)
-        if code != 0:
-            failed.append(name)
-    print(f"build.py: gpu-bench wrote {out.relative_to(ROOT)}/; failed: {', '.join(failed) or 'none'}")
-    return 1 if failed else 0
+def system_python_args(module: list[str], rest: list[str]) -> list[str]:
+    """`--system-python [--wheels DIR]`: run `python -m MODULE REST` on the interpreter build.py
+    runs on, with its own packages, no venv and no registry (backend/system_python.py installs
+    DIR's wheels into a folder of their own and checks the versions first)."""
+    rest = [arg for arg in rest if arg != "--system-python"]
+    wheels: list[str] = []
+    if "--wheels" in rest:
+        at = rest.index("--wheels")
+        wheels, rest = rest[at:at + 2], rest[:at] + rest[at + 2:]
+    return ["-m", "backend.system_python", "run", *wheels, "--", *module, *rest]
 
 
 def main(argv: list[str]) -> int:
-    commands = ("setup", "test", "serve", "addon", "demo", "gpu-bench")
+    commands = ("setup", "test", "serve", "addon", "demo", "gpu-bench", "wheelhouse")
     if not argv or argv[0] not in commands:
         print(__doc__.strip())
         return 2
     command, rest = argv[0], argv[1:]
-    if command == "gpu-bench" and not has_nvidia_gpu():
-        print("build.py: gpu-bench needs an NVIDIA GPU (nvidia-smi not found)", file=sys.stderr)
-        return 2
+    modules = {"serve": ["-m", "backend", "serve"], "gpu-bench": ["-m", "backend.gpu_bench"]}
+    if command == "wheelhouse":
+        return run(Path(sys.executable), ["-m", "backend.system_python", "wheelhouse", *rest])
+    if command in modules and "--system-python" in rest:
+        return run(Path(sys.executable), system_python_args(modules[command], rest))
     python = setup()
     if command == "setup":
         return 0
     if command == "test":
         setup_bpy_py313()
         return run(python, ["-m", "pytest", "-q", "-ra", *rest])
-    if command == "serve":
-        return run(python, ["-m", "backend", "serve", *rest])
+    if command in modules:
+        return run(python, modules[command] + rest)
     if command == "addon":
         build_addon(python)
         return 0
     if command == "demo":
         return demo(python, rest)
-    if command == "gpu-bench":
-        return gpu_bench(python)
     raise AssertionError(command)
 
 
