@@ -558,17 +558,18 @@ def _load_projection(role: str, source: str, folder: Path, dtype: torch.dtype) -
         from safetensors.torch import load_file
 
         config = json.loads((path / "config.json").read_text())
-        if present[0] == "clip_camera_projection":  # CLIPCameraProjection(embedding_dim, additional_embeddings)
-            out_channels = int(config.get("embedding_dim", 768))
-            in_channels, prefix = out_channels + int(config.get("additional_embeddings", 4)), "proj."
-        else:  # CCProjection(in_channel, out_channel), the keys absent from kxic's config
-            in_channels, out_channels = int(config.get("in_channel", 772)), int(config.get("out_channel", 768))
-            prefix = "projection."
         weights = _weights(role, source, path, dtype == torch.float16)
         state: dict[str, torch.Tensor] = {}
         for name in weights.names:
             file = path / name
             state.update(load_file(file) if weights.format == "safetensors" else torch.load(file, weights_only=True))
+        if present[0] == "clip_camera_projection":  # CLIPCameraProjection(embedding_dim, additional_embeddings)
+            out_channels = int(config.get("embedding_dim", 768))
+            in_channels, prefix = out_channels + int(config.get("additional_embeddings", 4)), "proj."
+        else:  # CCProjection(in_channel, out_channel); kxic's config names no sizes: the weight's
+            prefix = "projection."
+            shape = tuple(state[f"{prefix}weight"].shape) if f"{prefix}weight" in state else (768, 772)
+            in_channels, out_channels = int(config.get("in_channel", shape[-1])), int(config.get("out_channel", shape[0]))
         expected = {f"{prefix}weight": (out_channels, in_channels), f"{prefix}bias": (out_channels,)}
         found = {key: tuple(tensor.shape) for key, tensor in state.items()}
         if found != expected:
@@ -579,7 +580,8 @@ def _load_projection(role: str, source: str, folder: Path, dtype: torch.dtype) -
             )
         projection = CCProjection(in_channel=in_channels, out_channel=out_channels)
         projection.projection.load_state_dict({key.removeprefix(prefix): tensor for key, tensor in state.items()})
-        return projection.to(dtype)
+        projection.projection.to(dtype)
+        return projection
 
     return _load_part(role, source, folder, f"{present[0]}/", load)
 
