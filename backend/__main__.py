@@ -1,4 +1,4 @@
-"""`python -m backend serve|generate|refine`.
+"""`python -m backend serve|generate|refine|models`.
 
 Each subcommand lives in a module that has `add_subcommands(subparsers)`: it adds its parsers and
 sets `handler=` (a function `args -> exit code`) on each with `set_defaults`. `serve` is
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("backend.cli_generate",)
-"""Modules whose `add_subcommands(subparsers)` registers more subcommands (generate, refine)."""
+SUBCOMMAND_MODULES: tuple[str, ...] = ("backend.cli_generate", "backend.cli_models")
+"""Modules whose `add_subcommands(subparsers)` registers more subcommands (generate, refine, models)."""
 
 EXIT_CONFIG = 2
 """Exit status for settings the server cannot start with."""

@@ -207,8 +207,9 @@ def download(repo_id: str, revision: str | None, files: Sequence[str], local_dir
     revision and the repository's tree listing, which the offline lookup reads.
     """
     from huggingface_hub import hf_hub_download, snapshot_download
+    from tqdm import tqdm  # plain tqdm: a bar per file on a terminal and in logs alike
 
     for name in files:
-        hf_hub_download(repo_id, name, revision=revision, local_dir=local_dir, etag_timeout=10)
+        hf_hub_download(repo_id, name, revision=revision, local_dir=local_dir, etag_timeout=10, tqdm_class=tqdm)
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files), local_dir=local_dir,
                                   etag_timeout=10))

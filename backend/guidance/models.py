@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -342,28 +343,46 @@ def resolve_source(role: str, source: str, half: bool, offline: bool = False) ->
 
 def _resolve_hub_id(role: str, source: str, half: bool, offline: bool) -> Path:
     from huggingface_hub import constants
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     from backend.guidance.hub import cached_snapshot, download, remote_files
 
     repo_id, revision = split_revision(source)
-    parts = PARTS[role]
     cache_dir = constants.HF_HUB_CACHE
     # 1. The cache, without any network, with the same file list as the download.
-    cached = cached_snapshot(repo_id, revision, parts, half)
+    cached = cached_snapshot(repo_id, revision, PARTS[role], half)
     if cached.folder is not None:
         return cached.folder
     where = f"{role} model {source!r} is not in the Hugging Face cache {cache_dir} ({cached.reason})"
     # 2. Offline mode: nothing more to try.
     if offline or constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(role, source, f"{where} and HF_HUB_OFFLINE is set; {OFFLINE_HELP}.")
-    # 3. A quick reachability check, so a machine without network does not wait on timeouts.
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "it was looked up without network"
+        raise ModelLoadError(role, source, f"{where} and {why}; {OFFLINE_HELP}.")
+    # 3. A quick reachability check, then download exactly the files the loader reads.
+    check_reachable(role, source, where)
+    with hub_errors(role, source):
+        return download(repo_id, revision, list(remote_files(repo_id, revision, PARTS[role], half).sizes))
+
+
+def check_reachable(role: str, source: str, where: str) -> None:
+    """A ModelLoadError at once when the hub does not answer within HUB_CHECK_TIMEOUT_S; `where`
+    starts the sentence (what was looked for and where)."""
+    from huggingface_hub import constants
+
+    if not hub_reachable(constants.ENDPOINT, HUB_CHECK_TIMEOUT_S):
+        raise ModelLoadError(role, source, f"{where} and {constants.ENDPOINT} cannot be reached; {OFFLINE_HELP}.")
+
+
+@contextmanager
+def hub_errors(role: str, source: str):
+    """Hub answers (gated, no such repository or revision, other HTTP or disk errors) as one
+    ModelLoadError sentence each."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo_id, revision = split_revision(source)
     endpoint = constants.ENDPOINT
-    if not hub_reachable(endpoint, HUB_CHECK_TIMEOUT_S):
-        raise ModelLoadError(role, source, f"{where} and {endpoint} cannot be reached; {OFFLINE_HELP}.")
-    # 4. Download exactly the files the loader reads.
     try:
-        return download(repo_id, revision, list(remote_files(repo_id, revision, parts, half).sizes))
+        yield
     except GatedRepoError:
         raise ModelLoadError(
             role, source, f"{role} model {repo_id!r} is gated: accept its licence on huggingface.co, log in "

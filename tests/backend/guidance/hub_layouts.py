@@ -473,3 +473,113 @@ def hub_cache(cache: Path, repo_id: str, repo: Path, downloaded: Iterable[str]) 
     (storage / "refs").mkdir(parents=True, exist_ok=True)
     (storage / "refs" / "main").write_text(COMMIT)
     return snapshot
+
+
+# ----------------------------------------------------------------------------- a hub on loopback
+
+
+def _entries(repo_id: str, repo: Path) -> dict[str, dict]:
+    """path -> size, git blob id and (for weights and other large files) the LFS sha256, as the hub
+    reports them."""
+    entries = {}
+    for name in REPOS[repo_id]:
+        data = (repo / name).read_bytes()
+        entry = {"size": len(data), "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+        if name.endswith((".safetensors", ".bin", ".ckpt", ".model")):
+            entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        entries[name] = entry
+    return entries
+
+
+class FakeHub:
+    """The hub's HTTP API for the repositories given, on 127.0.0.1, in a thread:
+
+        GET  /api/models/<id>[/revision/<rev>]    model info with siblings, sizes and blob ids
+        GET  /api/models/<id>/tree/<rev>          the recursive file list
+        HEAD /<id>/resolve/<rev>/<path>           X-Repo-Commit, ETag, Content-Length
+        GET  /<id>/resolve/<rev>/<path>           the file
+
+    `main` and COMMIT are the only revisions; an unknown id answers 404 RepoNotFound, an id in
+    `gated` 401 GatedRepo, an unknown revision 404 RevisionNotFound. `served` counts file GETs.
+    """
+
+    def __init__(self, repos: dict[str, Path], gated: Iterable[str] = ()) -> None:
+        import http.server
+        import threading
+        from urllib.parse import unquote, urlparse
+
+        self.repos = {repo_id: (folder, _entries(repo_id, folder)) for repo_id, folder in repos.items()}
+        self.gated = set(gated)
+        self.served: list[str] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, status: int, body: bytes = b"", headers: dict | None = None) -> None:
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _error(self, status: int, code: str) -> None:
+                self._send(status, json.dumps({"error": code}).encode(), {"X-Error-Code": code,
+                                                                          "Content-Type": "application/json"})
+
+            def _answer(self) -> None:
+                path = unquote(urlparse(self.path).path)
+                if path == "/":
+                    return self._send(200, b"fake hub")
+                api = path.startswith("/api/models/")
+                parts = path.removeprefix("/api/models/" if api else "/").split("/")
+                repo_id, verb, revision, rest = "/".join(parts[:2]), parts[2] if len(parts) > 2 else "", \
+                    parts[3] if len(parts) > 3 else "main", "/".join(parts[4:])
+                if repo_id in hub.gated:
+                    return self._error(401, "GatedRepo")
+                if repo_id not in hub.repos:
+                    return self._error(404, "RepoNotFound")
+                if revision not in ("main", COMMIT):
+                    return self._error(404, "RevisionNotFound")
+                folder, entries = hub.repos[repo_id]
+                if api and verb in ("", "revision"):
+                    siblings = [{"rfilename": name, "size": e["size"], "blobId": e["oid"],
+                                 **({"lfs": {"sha256": e["lfs"]["oid"], "size": e["size"], "pointerSize": 134}}
+                                    if "lfs" in e else {})} for name, e in entries.items()]
+                    body = {"id": repo_id, "modelId": repo_id, "sha": COMMIT, "private": False, "siblings": siblings}
+                    return self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+                if api and verb == "tree":
+                    body = [{"type": "file", "path": name, **e} for name, e in entries.items()]
+                    return self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+                if not api and verb == "resolve" and rest in entries:
+                    entry = entries[rest]
+                    etag = entry["lfs"]["oid"] if "lfs" in entry else entry["oid"]
+                    data = (folder / rest).read_bytes()
+                    if self.command == "GET":
+                        hub.served.append(f"{repo_id}/{rest}")
+                    self.send_response(200)
+                    for key, value in {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"',
+                                       "Content-Length": str(len(data))}.items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    if self.command == "GET":
+                        self.wfile.write(data)
+                    return None
+                return self._error(404, "EntryNotFound")
+
+            do_GET = do_HEAD = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeHub":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
