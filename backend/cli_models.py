@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 EXIT_FAILED = 1
 
@@ -49,40 +50,46 @@ def _human(size: int) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
-def run_fetch(args: argparse.Namespace) -> int:
-    """`models fetch`: every hub role, one after the other; a failure is reported and the rest go on."""
+def _each_role(sources, step: Callable[[str, str], str]) -> int:
+    """Run `step(role, source)` for every role that is on and print `role: <its line>`; a
+    ModelLoadError is printed as `role: FAILED: <sentence>` and the other roles go on."""
     from backend.guidance.errors import ModelLoadError
+    from backend.guidance.models import ROLES
+
+    failed = False
+    for role in ROLES:
+        source = getattr(sources, role)
+        try:
+            line = "off" if source is None else step(role, source)
+        except ModelLoadError as error:
+            line, failed = f"FAILED: {error}", True
+        print(f"{role}: {line}", flush=True)
+    return EXIT_FAILED if failed else 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    """`models fetch`: every hub role, one after the other."""
     from backend.guidance.hub import download, remote_files, split_revision
-    from backend.guidance.models import PARTS, ROLES, check_reachable, hub_errors, locate_sources, looks_like_path
+    from backend.guidance.models import PARTS, check_reachable, hub_errors, locate_sources, looks_like_path
 
     if args.models != "default":
         sys.stderr.write(f"python -m backend models fetch: error: --models: expected 'default' (set "
                          f"DREAMLOOM_MODEL_<ROLE> to fetch other ids), got {args.models!r}\n")
         return 2
-    sources = locate_sources("default", None)
-    failed = False
-    for role in ROLES:
-        source = getattr(sources, role)
-        if source is None:
-            print(f"{role}: off")
-            continue
+
+    def fetch(role: str, source: str) -> str:
         if looks_like_path(source) or Path(source).expanduser().is_dir():
-            print(f"{role}: {source} is a folder, nothing to fetch")
-            continue
+            return f"{source} is a folder, nothing to fetch"
         repo_id, revision = split_revision(source)
-        target = args.to / role if args.to is not None else None
-        try:
-            check_reachable(role, source, f"{role} model {source!r} cannot be fetched")
-            with hub_errors(role, source):
-                remote = remote_files(repo_id, revision, PARTS[role], args.dtype == "fp16")
-                print(f"{role}: {repo_id} at {remote.commit[:12]}: {len(remote.sizes)} files, "
-                      f"{_human(sum(remote.sizes.values()))}", flush=True)
-                folder = download(repo_id, revision, list(remote.sizes), local_dir=target)
-            print(f"{role}: done, {folder}", flush=True)
-        except ModelLoadError as error:
-            print(f"{role}: FAILED: {error}", flush=True)
-            failed = True
-    return EXIT_FAILED if failed else 0
+        check_reachable(role, source, f"{role} model {source!r} cannot be fetched")
+        with hub_errors(role, source):
+            remote = remote_files(repo_id, revision, PARTS[role], args.dtype == "fp16")
+            print(f"{role}: {repo_id} at {remote.commit[:12]}: {len(remote.sizes)} files, "
+                  f"{_human(sum(remote.sizes.values()))}", flush=True)
+            folder = download(repo_id, revision, list(remote.sizes), args.to / role if args.to else None)
+        return f"done, {folder}"
+
+    return _each_role(locate_sources("default", None), fetch)
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -91,8 +98,11 @@ def run_check(args: argparse.Namespace) -> int:
 
     from backend.guidance.errors import ModelLoadError
     from backend.guidance.hub import folder_listing, select_files, size_on_disk
-    from backend.guidance.models import PARTS, ROLES, load_role, locate_sources, resolve_source
+    from backend.guidance.models import PARTS, load_role, locate_sources, resolve_source
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.stderr.write("python -m backend models check: error: --device cuda: this machine has no CUDA GPU\n")
+        return 2
     device = torch.device(args.device)
     half = (args.dtype or ("fp16" if device.type == "cuda" else "fp32")) == "fp16"
     dtype = torch.float16 if half else torch.float32
@@ -101,18 +111,11 @@ def run_check(args: argparse.Namespace) -> int:
     except ModelLoadError as error:
         print(f"{error.role}: FAILED: {error}")
         return EXIT_FAILED
-    failed = False
-    for role in ROLES:
-        source = getattr(sources, role)
-        if source is None:
-            print(f"{role}: off")
-            continue
-        try:
-            folder = resolve_source(role, source, half, offline=True)
-            size = size_on_disk(folder, select_files(folder_listing(folder), PARTS[role], half))
-            load_role(role, sources, folder, device, dtype)
-            print(f"{role}: ok: {source} from {folder}, {_human(size)} on disk", flush=True)
-        except ModelLoadError as error:
-            print(f"{role}: FAILED: {error}", flush=True)
-            failed = True
-    return EXIT_FAILED if failed else 0
+
+    def check(role: str, source: str) -> str:
+        folder = resolve_source(role, source, half, offline=True)
+        size = size_on_disk(folder, select_files(folder_listing(folder), PARTS[role], half))
+        load_role(role, sources, folder, device, dtype)
+        return f"ok: {source} from {folder}, {_human(size)} on disk"
+
+    return _each_role(sources, check)

@@ -30,8 +30,13 @@ def _backend(args: list[str], env: dict[str, str], timeout: int = 300) -> subpro
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _lines_of(stdout: str) -> dict[str, str]:
+    """role -> the rest of its line."""
+    return {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in stdout.splitlines() if ":" in line}
+
+
 def _lines(out: subprocess.CompletedProcess) -> dict[str, str]:
-    return {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if ":" in line}
+    return _lines_of(out.stdout)
 
 
 @pytest.mark.timeout(900)
@@ -89,7 +94,7 @@ def _generate_default_offline(cache: Path, tmp_path: Path, monkeypatch) -> None:
     _disc_png(image)
     out = tmp_path / "out"
     code = main(["generate", "--prompt", "a red disc", "--image", str(image), "--models", "default",
-                 "--device", "cpu", "--steps", "coarse=4,geometry=2,texture=2", "--texture-size", "256",
+                 "--device", "cpu", "--steps", "coarse=2,geometry=1,texture=1", "--texture-size", "256",
                  "--no-progress", "--out", str(out)])
     assert code == 0
     assert built[0].models == dict(zip(("prior2d", "zero123", "depth"), DEFAULTS))
@@ -105,7 +110,7 @@ def _disc_png(path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_fetch_into_a_folder_for_models_dir(default_repos, tmp_path):
+def test_fetch_into_a_folder_for_models_dir(default_repos, tmp_path, capsys):
     target = tmp_path / "models"
     with FakeHub(default_repos) as hub:
         fetched = _backend(["models", "fetch", "--dtype", "fp32", "--to", str(target)],
@@ -114,9 +119,11 @@ def test_fetch_into_a_folder_for_models_dir(default_repos, tmp_path):
     assert (target / "prior2d" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (target / "prior2d" / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
     assert (target / "zero123" / "clip_camera_projection" / "diffusion_pytorch_model.safetensors").is_file()
-    checked = _backend(["models", "check", "--models", str(target)], {"HF_HUB_OFFLINE": "1"})
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert _lines(checked)["depth"].startswith(f"ok: {target / 'depth'}")
+    from backend.__main__ import main
+
+    assert main(["models", "check", "--models", str(target)]) == 0
+    lines = _lines_of(capsys.readouterr().out)
+    assert lines["depth"].startswith(f"ok: {target / 'depth'}") and lines["zero123"].startswith("ok")
 
 
 @pytest.mark.timeout(300)
@@ -133,10 +140,17 @@ def test_fetch_reports_every_role_gated_missing_or_unknown_revision(default_repo
     assert "Traceback" not in fetched.stderr
 
 
-def test_check_reports_all_roles_at_once(tmp_path):
-    checked = _backend(["models", "check"], {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
-    assert checked.returncode == 1 and "Traceback" not in checked.stderr
-    lines = _lines(checked)
+def test_check_reports_all_roles_at_once(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from backend.__main__ import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for name in ("PRIOR2D", "ZERO123", "DEPTH", "MATTING"):
+        monkeypatch.delenv(f"DREAMLOOM_MODEL_{name}", raising=False)
+    assert main(["models", "check"]) == 1
+    lines = _lines_of(capsys.readouterr().out)
     for role, repo in zip(("prior2d", "zero123", "depth"), DEFAULTS):
         assert lines[role].startswith("FAILED") and repo in lines[role] and "python -m backend models fetch" in lines[role]
     assert lines["matting"] == "off"
