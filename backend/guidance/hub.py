@@ -4,7 +4,8 @@
     select_files(listing, parts, half) -> [paths]     the files the loader reads, out of a listing
     pick_weights(names, half) -> WeightFiles | None   which weight files of one folder are read
     cached_snapshot(repo_id, revision, parts, half) -> CacheLookup       no network
-    download(repo_id, revision, parts, half, local_dir=None) -> Path     one progress bar per file
+    remote_files(repo_id, revision, parts, half) -> RemoteFiles          the needed files' sizes
+    download(repo_id, revision, files, local_dir=None) -> Path           one progress bar per file
 
 A role is a list of parts: subfolders of a diffusers pipeline ("unet", "vae", ...) or "" for a
 transformers model at the top of the repository. Out of a repository's file list the loader needs
