@@ -1,4 +1,4 @@
-"""`python -m backend serve|generate|refine|store check`.
+"""`python -m backend serve|generate|refine|models|store check`.
 
 Each subcommand lives in a module that has `add_subcommands(subparsers)`: it adds its parsers and
 sets `handler=` (a function `args -> exit code`) on each with `set_defaults`. `serve` is
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("backend.cli_generate", "backend.store_check")
-"""Modules whose `add_subcommands(subparsers)` registers more subcommands (generate, refine, store)."""
+SUBCOMMAND_MODULES: tuple[str, ...] = ("backend.cli_generate", "backend.cli_models", "backend.store_check")
+"""Modules whose `add_subcommands(subparsers)` registers more subcommands (generate, refine, models, store)."""
 
 EXIT_CONFIG = 2
 """Exit status for settings the server cannot start with."""
