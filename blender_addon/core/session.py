@@ -242,7 +242,7 @@ class ClientSession:
         return self.request(MessageType.CANCEL, {"job_id": job_id}, job_id=job_id)
 
     def list_jobs(self) -> str:
-        """Ask for the server's job list; it lands in `self.server_jobs`."""
+        """Ask for the server's job list; it lands in `self.server_jobs`, every page of it."""
         return self.request(MessageType.LIST_JOBS)
 
     def delete_job(self, job_id: str) -> str:
@@ -304,6 +304,12 @@ class ClientSession:
         request_type = pending.message.type
         if message.type == MessageType.ERROR:
             return [self._failed(pending, message.body)]
+        if request_type == MessageType.LIST_JOBS and message.body.get("next_cursor") is not None:
+            # A page of a longer list: ask for the next one; the whole list lands with the last.
+            so_far = pending.context.get("jobs_so_far", []) + list(message.body.get("jobs") or [])
+            self.request(MessageType.LIST_JOBS, {"cursor": message.body["next_cursor"]},
+                         context={**pending.context, "jobs_so_far": so_far}, timeout_s=pending.timeout_s)
+            return []
         self._note_reply(request_type, message, pending)
         return [RequestDone(request_type, message, pending.context)]
 
@@ -327,7 +333,7 @@ class ClientSession:
             ctx = pending.context
             self.jobs.setdefault(job_id, JobRecord(job_id=job_id, kind=ctx.get("kind", "generate"), prompt=ctx.get("prompt", "")))
         elif request_type == MessageType.LIST_JOBS:
-            self.server_jobs = list(body.get("jobs") or [])
+            self.server_jobs = pending.context.get("jobs_so_far", []) + list(body.get("jobs") or [])
             self._catch_up_stalled(self.server_jobs)
         elif request_type == MessageType.DELETE_JOB:
             self.jobs.pop(str(body.get("job_id")), None)

@@ -210,3 +210,25 @@ def test_a_backend_restarted_between_heartbeats_is_subscribed_again(tmp_path: Pa
     finally:
         session.close()
         server.kill()
+
+
+def test_the_job_list_comes_whole_across_pages(tmp_path: Path):
+    from backend.server import JOBS_PAGE
+    from backend.store import JobStore
+
+    store = JobStore(tmp_path / "store")
+    created = [store.create_job(owner="", kind="generate", prompt=f"job {n}", params={}, inputs={})[0].job_id
+               for n in range(JOBS_PAGE + 30)]
+    store.close()
+    thread = ServerThread(Server(ServerConfig(bind="tcp://127.0.0.1:*", store_dir=tmp_path / "store"),
+                                 MeshRunner(step_delay_s=0.02)))
+    session = ClientSession(ConnectionSettings(address=thread.address))
+    try:
+        session.hello()
+        session.list_jobs()
+        done = pump_until(session, lambda u: any(isinstance(x, RequestDone) and x.request_type == "list_jobs" for x in u))
+        assert sum(isinstance(x, RequestDone) and x.request_type == "list_jobs" for x in done) == 1
+        assert [j["job_id"] for j in session.server_jobs] == created
+    finally:
+        session.close()
+        thread.stop()
