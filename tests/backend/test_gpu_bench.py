@@ -150,14 +150,14 @@ def test_the_pipeline_bench_reports_what_it_had_when_its_slot_ends(tmp_path: Pat
     for line in process.stderr:  # the running log: "[   4.1 s] stage coarse (400 steps)"
         if "stage coarse" in line:
             break
-    time.sleep(3.0)  # a few coarse steps
+    time.sleep(3.0)  # a few coarse steps (none, on a busy machine)
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=120)
     assert process.returncode == 3, stdout
     report = json.loads(report_path.read_text())
     assert report["stopped"].startswith("SIGTERM in coarse step ")
     (coarse,) = report["stages"]
-    assert coarse["steps"] == 400 and 1 <= coarse["steps_done"] < 400 and coarse["full_steps"] == 12
+    assert coarse["steps"] == 400 and coarse["steps_done"] < 400 and coarse["full_steps"] == 12
     # At the tiny preset's 12 steps: the seconds so far plus the mean step for each step not run.
     missing = max(0, 12 - coarse["steps_done"]) * coarse["ms_per_step"] / 1000
     assert coarse["extrapolated_s"] == pytest.approx(coarse["seconds"] + missing)
