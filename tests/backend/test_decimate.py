@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from backend.bench_decimate import box_with_ring_sdf
 from backend.decimate import MIN_FACES, decimate, face_budget
 from backend.dmtet import extract_mesh_from_sdf
 from backend.jobs import JobCancelled
@@ -25,15 +25,6 @@ MESHES = Path(__file__).resolve().parents[2] / ".." / "shared" / "meshes"
 def unit_mesh(name: str) -> tuple[np.ndarray, np.ndarray]:
     mesh = load_mesh(MESHES / name, triangulate=True)
     return normalize_to_unit_box(mesh.verts_vx3)[0], mesh.faces_fx3
-
-
-def box_with_ring_sdf(points_nx3: torch.Tensor) -> torch.Tensor:
-    """A box (sharp edges, flat faces) with a torus through it: a known shape for DMTet."""
-    q_nx3 = points_nx3.abs() - torch.tensor([0.31, 0.205, 0.155])
-    box_n = q_nx3.clamp(min=0).norm(dim=-1) + q_nx3.max(dim=-1).values.clamp(max=0)
-    radial_n = torch.stack([points_nx3[:, 0], points_nx3[:, 2]], -1).norm(dim=-1) - 0.4
-    ring_n = torch.stack([radial_n, points_nx3[:, 1]], -1).norm(dim=-1) - 0.09
-    return torch.minimum(box_n, ring_n)
 
 
 def assert_keeps_shape(verts_vx3, faces_fx3, full_vx3, full_fx3, chamfer_bound: float) -> None:
