@@ -3,18 +3,18 @@
 imports no torch.
 
 Chart options measured for CPU time on a 50k-face surface (docs/benchmarks.md, "Mesh budget"):
-xatlas's defaults (one chart-growing iteration, `max_cost` 2) took 16 CPU seconds, most of it
-growing and parameterising large charts; no extra iteration and `max_cost` 0.5 take 4.7, and pack
-the atlas tighter (utilisation 0.77 against 0.68), for more, smaller charts (475 against 62).
-`max_cost` 0.25 is faster still (2.8 s) with twice the charts and seams again.
+xatlas's defaults (`max_cost` 2) took 16 CPU seconds, most of it growing and parameterising large
+charts; `max_cost` 0.5 takes 7.2, for 128 charts instead of 62. Dropping the chart-growing
+iteration as well (4.7 s) left charts too small for a 256² texture on spot: faces whose centre
+no texel covers, baked with a neighbour's colour.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-CHART_ITERATIONS = 0
-"""xatlas `ChartOptions.max_iterations`: extra rounds of chart growing (default 1)."""
+CHART_ITERATIONS = 1
+"""xatlas `ChartOptions.max_iterations`: rounds of chart growing (its default)."""
 CHART_MAX_COST = 0.5
 """xatlas `ChartOptions.max_cost`: how far a chart grows before a new one starts (default 2)."""
 
