@@ -29,10 +29,10 @@ def unit_mesh(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def assert_keeps_shape(verts_vx3, faces_fx3, full_vx3, full_fx3, chamfer_bound: float) -> None:
     metrics = chamfer_and_fscore(verts_vx3, faces_fx3.astype(np.int64), full_vx3, full_fx3.astype(np.int64),
-                                 n_points=10000)
-    # 10,000 samples on two different triangulations of one surface lie about 0.0047 diagonals
-    # apart by sampling alone (0.0033 at 20,000); the bounds leave room for that, not for a
-    # changed shape.
+                                 n_points=20000)
+    # 20,000 samples on two different triangulations of one surface lie about 0.0034 diagonals
+    # apart by sampling alone (fewer samples lower the F-score by sampling alone too); the
+    # bounds leave room for that, not for a changed shape.
     assert metrics.chamfer < chamfer_bound, metrics
     assert metrics.f_score > 0.98, metrics
     assert metrics.normal_consistency > 0.95, metrics
@@ -49,7 +49,7 @@ def test_decimation_reaches_the_budget_and_keeps_the_shape(name: str, target: in
     assert 0.95 * target <= len(result.faces_fx3) <= target
     assert result.verts_vx3.dtype == np.float32 and result.faces_fx3.dtype == np.int32
     assert result.faces_fx3.min() >= 0 and result.faces_fx3.max() < len(result.verts_vx3)
-    assert_keeps_shape(result.verts_vx3, result.faces_fx3, verts_vx3, faces_fx3, chamfer_bound=0.0065)
+    assert_keeps_shape(result.verts_vx3, result.faces_fx3, verts_vx3, faces_fx3, chamfer_bound=0.0045)
 
 
 @pytest.mark.slow
@@ -58,7 +58,7 @@ def test_a_dmtet_surface_decimated_keeps_its_sharp_box_and_its_ring() -> None:
     assert len(faces_fx3) > 50_000
     result = decimate(verts_vx3, faces_fx3, 5_000)
     assert 4_750 <= len(result.faces_fx3) <= 5_000
-    assert_keeps_shape(result.verts_vx3, result.faces_fx3, verts_vx3, faces_fx3, chamfer_bound=0.0065)
+    assert_keeps_shape(result.verts_vx3, result.faces_fx3, verts_vx3, faces_fx3, chamfer_bound=0.0045)
     # Closed and of the same genus as before (a box with a ring through it).
     import trimesh
 
