@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--texture", type=Path, help="base-colour image for the mesh's UVs (overrides an MTL's)")
     recon.add_argument("--views", type=int, help="training views (default: the preset's)")
     recon.add_argument("--steps", help="neus=N,dmtet=N,color=N: cut the preset's step counts (to fit a time slot)")
+    recon.add_argument("--target-faces", type=int,
+                       help="face budget of the result (default: the preset's; 0 keeps every face)")
     recon.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     recon.add_argument("--quality", default="standard", choices=sorted(PRESETS), help="preset (default standard)")
     recon.add_argument("--triangulate", action="store_true", help="fan-triangulate OBJ polygons instead of refusing them")
@@ -72,6 +74,10 @@ def reconstruct_options(args: argparse.Namespace):
             raise BenchError(f"--views {args.views}: need at least 2 training views")
         preset = dataclasses.replace(preset, train_views=args.views)
     preset = dataclasses.replace(preset, **step_overrides(args.steps))
+    if args.target_faces is not None:
+        if args.target_faces < 0:
+            raise BenchError(f"--target-faces {args.target_faces}: must be 0 (keep every face) or more")
+        preset = dataclasses.replace(preset, target_faces=args.target_faces)
     device = _device(args.device)
     if args.out.exists() and not args.out.is_dir():
         raise BenchError(f"--out {args.out}: exists and is not a folder")

@@ -201,6 +201,9 @@ class PipelineConfig:
     """Streaming and checkpoint cadence."""
     texture_size: int = 1024
     """Side in pixels of the baked texture."""
+    target_faces: int = 50_000
+    """Face budget of a generated surface: it is decimated to this many faces before UV
+    unwrapping (backend.decimate); 0 keeps every face."""
     seed: int = 0
     """Seed of every random draw (cameras, noise, timesteps)."""
 
@@ -230,6 +233,7 @@ PRESETS: dict[str, PipelineConfig] = {
         geometry=GeometryConfig(steps=3000, render_res=512, dmtet_res=192),
         texture=TextureConfig(steps=3000, render_res=512, bootstrap_every=500),
         texture_size=2048,
+        target_faces=150_000,
     ),
     # The test preset: what runs with the tiny models on a CPU in seconds.
     "tiny": PipelineConfig(
@@ -247,6 +251,7 @@ PRESETS: dict[str, PipelineConfig] = {
         ),
         stream=StreamConfig(preview_res=32),
         texture_size=256,
+        target_faces=1000,
     ),
 }
 """The presets by name; `quality` in the params picks one of draft, standard, high."""
@@ -289,7 +294,7 @@ def camera_from_params(camera: Any) -> CameraConfig:
 
 def config_for_job(params: Any, preset: str | None = None) -> PipelineConfig:
     """The config of one job: the preset (`preset`, else the params' `quality`) with the params'
-    step overrides, seed, texture size, camera ranges and streaming cadence applied.
+    step overrides, seed, texture size, face budget, camera ranges and streaming cadence applied.
 
     `params` is validated `GenerateParams` / `RefineParams` (or a dict with the same fields).
     """
@@ -306,6 +311,10 @@ def config_for_job(params: Any, preset: str | None = None) -> PipelineConfig:
         if not isinstance(count, int) or count < 0:
             raise ValueError(f"steps.{stage}: expected an integer >= 0, got {count!r}")
         steps[stage] = count
+    target_faces = _get(params, "target_faces", None)
+    if target_faces is not None and (isinstance(target_faces, bool) or not isinstance(target_faces, int)
+                                     or target_faces < 0):
+        raise ValueError(f"target_faces: expected an integer >= 0, got {target_faces!r}")
     stream = dataclasses.replace(
         base.stream,
         mesh_every=int(_get(params, "mesh_every", base.stream.mesh_every)),
@@ -321,5 +330,6 @@ def config_for_job(params: Any, preset: str | None = None) -> PipelineConfig:
         camera=camera_from_params(_get(params, "camera", None)),
         stream=stream,
         texture_size=int(_get(params, "texture_size", base.texture_size)),
+        target_faces=base.target_faces if target_faces is None else target_faces,
         seed=int(_get(params, "seed", base.seed)),
     )

@@ -89,6 +89,7 @@ class DREAMLOOM_PT_main(Panel):
         row = layout.row(align=True)
         row.prop(settings, "quality", text="")
         row.prop(settings, "texture_size", text="")
+        row.prop(settings, "target_faces")
         row = layout.row(align=True)
         row.prop(settings, "seed")
         row.prop(settings, "random_seed", text="Random", icon="FILE_REFRESH")

@@ -99,6 +99,10 @@ class DreamloomSettings(PropertyGroup):
         name="Random Seed", default=False, description="Draw a new seed for every job (the drawn one shows in Seed)"
     )
     texture_size: EnumProperty(name="Texture Size", items=TEXTURE_SIZE_ITEMS, default="1024", description="Texture edge")
+    target_faces: IntProperty(
+        name="Faces", default=50_000, min=0, soft_max=500_000, step=1000,
+        description="Face budget of the generated mesh (0 keeps every face; under 500 is raised to 500)",
+    )
     steps: StringProperty(
         name="Steps", description='Per-stage overrides, e.g. "coarse=500,geometry=200,texture=200" (empty: by quality)'
     )
@@ -173,6 +177,7 @@ class DreamloomSettings(PropertyGroup):
             quality=self.quality,
             seed=self.seed,
             texture_size=int(self.texture_size),
+            target_faces=self.target_faces,
             steps=core_settings.parse_steps(self.steps),
         )
 

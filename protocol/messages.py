@@ -99,6 +99,7 @@ class EventKind:
     STATE: Final = "state"
     STAGE: Final = "stage"
     MESH: Final = "mesh"
+    NOTE: Final = "note"
 
 
 class JobState:

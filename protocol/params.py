@@ -27,6 +27,9 @@ QUALITIES = ("draft", "standard", "high")
 TEXTURE_SIZES = (256, 512, 1024, 2048, 4096)
 MAX_STEPS = 100_000
 MAX_SEED = 2**31 - 1
+MAX_TARGET_FACES = 2**31 - 1
+"""`target_faces` fits an i4; budgets under 500 or above the surface's own count are clamped by
+the backend (with a `note` event), not refused."""
 MIN_MESH_EVERY = 10
 MIN_PREVIEW_EVERY = 1
 KIND_BUFFERS = {
@@ -116,6 +119,10 @@ class JobParams:
 @dataclass(frozen=True)
 class GenerateParams(JobParams):
     """A validated `generate` job: prompt (and optional reference image) to a textured mesh."""
+
+    target_faces: int | None = None
+    """Face budget of the result, 0 to 2**31 - 1: the surface is decimated to it before UV
+    unwrapping; 0 keeps every face, None the quality's default (50,000; 150,000 for high)."""
 
 
 @dataclass(frozen=True)
@@ -395,7 +402,11 @@ def validate_submit(kind: Any, params: Any, buffers: Mapping[str, Any]) -> JobPa
                                            f"got {name!r}")
     has_image = "image" in buffers
     if kind == JobKind.GENERATE:
-        result: JobParams = GenerateParams(**_common_fields(raw, ("coarse", "geometry", "texture"), has_image))
+        target_faces = raw.get("target_faces")
+        if target_faces is not None:
+            target_faces = _integer(target_faces, "params.target_faces", 0, MAX_TARGET_FACES)
+        result: JobParams = GenerateParams(**_common_fields(raw, ("coarse", "geometry", "texture"), has_image),
+                                           target_faces=target_faces)
     else:
         result = RefineParams(**_common_fields(raw, ("texture",), has_image))
         _mesh_buffers(buffers)
@@ -418,6 +429,7 @@ def params_to_dict(p: JobParams) -> dict[str, Any]:
     """A plain msgpack-able dict that `validate_submit` turns back into an equal `p`."""
     camera = p.camera
     steps = {k: v for k, v in vars(p.steps).items() if v is not None}
+    face_budget = {} if getattr(p, "target_faces", None) is None else {"target_faces": p.target_faces}
     return {
         "prompt": p.prompt,
         "negative_prompt": p.negative_prompt,
@@ -434,4 +446,5 @@ def params_to_dict(p: JobParams) -> dict[str, Any]:
         "texture_size": p.texture_size,
         "mesh_every": p.mesh_every,
         "preview_every": p.preview_every,
+        **face_budget,
     }
