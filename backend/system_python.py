@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 USAGE_ERROR = 2
 
 BROUGHT_PACKAGES = (
-    "diffusers", "importlib-metadata", "lazy-importer", "xatlas", "trimesh", "pyzmq", "msgpack",
-    "platformdirs", "diffrp-nvdiffrast",
+    "diffusers", "importlib-metadata", "lazy-importer", "xatlas", "fast-simplification", "trimesh", "pyzmq",
+    "msgpack", "platformdirs", "diffrp-nvdiffrast",
 )
 """What the wheelhouse brings, at pyproject.toml's pins: the runtime packages a PyTorch box lacks
 (importlib-metadata and lazy-importer are diffusers' own requirements; msgpack is brought though

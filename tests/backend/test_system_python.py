@@ -41,8 +41,8 @@ def test_platform_tags_cover_every_older_manylinux() -> None:
 def test_every_brought_package_is_pinned_in_pyproject() -> None:
     requirements = system_python.brought_requirements()
     assert [r.split("==")[0] for r in requirements] == [
-        "diffusers", "importlib_metadata", "lazy-importer", "xatlas", "trimesh", "pyzmq", "msgpack",
-        "platformdirs", "diffrp-nvdiffrast",
+        "diffusers", "importlib_metadata", "lazy-importer", "xatlas", "fast-simplification", "trimesh", "pyzmq",
+        "msgpack", "platformdirs", "diffrp-nvdiffrast",
     ]
 
 
@@ -50,7 +50,7 @@ def test_the_wheelhouse_is_small_and_installs_offline(wheelhouse: Path, tmp_path
     wheels = sorted(wheelhouse.glob("*.whl"))
     assert sum(w.stat().st_size for w in wheels) < 20e6
     site = system_python.install(wheelhouse, tmp_path / "site")
-    for module in ("diffusers", "xatlas", "trimesh", "zmq", "msgpack", "platformdirs", "nvdiffrast"):
+    for module in ("diffusers", "xatlas", "fast_simplification", "trimesh", "zmq", "msgpack", "platformdirs", "nvdiffrast"):
         assert any(site.glob(f"{module}*")), module  # a package folder or an extension module
     stamp = (site / ".dreamloom-wheels").read_text()
     assert system_python.install(wheelhouse, site) == site  # a second call installs nothing
