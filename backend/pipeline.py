@@ -220,8 +220,7 @@ class Job:
                               occupancy=occupancy, stratified=True, generator=self.device_generator)
             # 4. Hybrid SDS at annealed timesteps (2D prior + mu * Zero123 with an image).
             losses = {}
-            sds, info = hybrid.loss(out["rgb"], cams.elevation_deg_b, cams.azimuth_deg_b,
-                                    cams.distance_b, step, self.device_generator)
+            sds, info = hybrid.loss(out["rgb"], cams, step, self.device_generator)
             losses["hybrid_sds"] = (cfg.sds_weight, sds)
             # 5. The reference view holds the image: RGB, mask, depth (and normal).
             if self.reference is not None:
@@ -290,8 +289,7 @@ class Job:
             shaded = shade_normals(render)
             # 4. SDS on the shaded renders (+ Zero123 with an image).
             losses = {}
-            sds, info = hybrid.loss(shaded, cams.elevation_deg_b, cams.azimuth_deg_b,
-                                    cams.distance_b, step, self.device_generator)
+            sds, info = hybrid.loss(shaded, cams, step, self.device_generator)
             losses["hybrid_sds"] = (cfg.sds_weight, sds)
             # 5. The reference view's mask and depth.
             if self.reference is not None:
@@ -403,7 +401,7 @@ class Job:
             # 3. BSD: the LoRAs learn the renders' score, the colours follow the prior.
             losses = {}
             try:
-                bsd_loss, info = bsd.step(rgb, cams.c2w_bx4x4, step, cfg.steps)
+                bsd_loss, info = bsd.step(rgb, cams, step, cfg.steps)
             except FloatingPointError as exc:
                 raise self._diverged(str(exc)) from exc
             losses["bsd"] = (cfg.bsd_weight, bsd_loss)
@@ -594,10 +592,8 @@ class Job:
         if self.reference is None or self.guidance.zero123 is None:
             return None
         if getattr(self, "_z123_reference", None) is None:
-            from backend.guidance.zero123 import encode_reference
-
-            self._z123_reference = encode_reference(self.guidance.zero123, self.reference.rgb_hxwx3,
-                                                    self.reference.mask_hxwx1)
+            self._z123_reference = self.guidance.zero123.encode_reference(self.reference.rgb_hxwx3,
+                                                                          self.reference.mask_hxwx1)
         return self._z123_reference
 
     def _embeddings(self, view_dependent: bool):
