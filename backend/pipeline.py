@@ -436,7 +436,7 @@ class Job:
                                        self.rasterizer, self.device)
         out_verts = surface.out_verts_vx3.cpu().numpy()
         glb = write_glb(None, out_verts, uv_mesh.faces_fx3, uvs=uv_mesh.uvs_vx2,
-                        texture_rgb=texture_rgb)
+                        texture_rgb=texture_rgb, metadata={"dreamloom_models": self.guidance.names()})
         self.ctx.set_result(glb)
         emit_mesh(self.ctx, "texture", self.config.texture.steps, out_verts, uv_mesh.faces_fx3,
                   final=True, uvs_vx2=uv_mesh.uvs_vx2, texture_png=encode_png(texture_rgb))
@@ -446,10 +446,11 @@ class Job:
     def _stage_start(self, stage: str, steps: int, start: int, modules: dict, optimisers: dict,
                      tensors: dict | None = None) -> None:
         """The stage-start checkpoint (not when resuming mid-stage), then the `stage` event: a
-        process killed once the event is out resumes in this stage, never before it."""
+        process killed once the event is out resumes in this stage, never before it. The event
+        names the models the stage runs on (role -> name; "oracle:..." for oracles)."""
         if start == 0:
             self._save(stage, 0, modules, optimisers, tensors)
-        self.ctx.emit("stage", {"stage": stage, "steps": steps})
+        self.ctx.emit("stage", {"stage": stage, "steps": steps, "models": self.guidance.names()})
 
     def _after_step(self, cadence: Cadence, step: int, timer: "StepTimer", values: dict,
                     render: Tensor, mesh_fn, modules: dict, optimisers: dict,

@@ -5,6 +5,8 @@
     Denoiser                                        what SDS, Zero123 3D-SDS and BSD ask of a model
     guided_noise(denoiser, x_t, t_b, cond, uncond, scale) -> ε̂ = ε_u + s·(ε_c − ε_u)
     to_bchw(rgb_bxhxwx3, size) -> [B, 3, size, size]
+    images_to_x0(rgb_bxhxwx3, size, vae=None, latent_scale=1.0, dtype=float32) -> x₀
+    x0_to_images(x0, vae=None, latent_scale=1.0, dtype=float32) -> [B, H, W, 3]
 
 A denoiser sees x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε in its own space (VAE latents, or the [−1, 1] image
 for a pixel model), the timesteps t, and a `Conditioning` that holds everything a model might be
@@ -118,3 +120,21 @@ def to_bchw(rgb_bxhxwx3: torch.Tensor, size: int) -> torch.Tensor:
     if image.shape[-2:] != (size, size):
         image = F.interpolate(image, (size, size), mode="bilinear", align_corners=False)
     return image
+
+
+def images_to_x0(
+    rgb_bxhxwx3: torch.Tensor, size: int, vae: Any = None, latent_scale: float = 1.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """x₀ of renders [B, H, W, 3] in [0, 1]: scaled VAE latents (the posterior mean), or the
+    [−1, 1] image at `size` without a VAE (a pixel model)."""
+    image = to_bchw(rgb_bxhxwx3, size) * 2.0 - 1.0
+    if vae is None:
+        return image.float()
+    return vae.encode(image.to(dtype)).latent_dist.mean.float() * latent_scale
+
+
+def x0_to_images(x0: torch.Tensor, vae: Any = None, latent_scale: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `images_to_x0`: [B, H, W, 3] in [0, 1]."""
+    if vae is not None:
+        x0 = vae.decode((x0 / latent_scale).to(dtype)).sample
+    return ((x0.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)

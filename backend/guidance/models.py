@@ -2,7 +2,8 @@
 
     load_models(spec="default", device="cpu", dtype=None, roles=ROLES, sources=None) -> GuidanceModels
 
-`spec` is "default" (the hub ids of `ModelSources`, overridable per role by environment variables
+`spec` is "oracle:MESH[,TEXTURE]" (the exact denoisers of a known mesh, `backend.guidance.oracle`),
+"default" (the hub ids of `ModelSources`, overridable per role by environment variables
 DREAMLOOM_MODEL_PRIOR2D, DREAMLOOM_MODEL_ZERO123, DREAMLOOM_MODEL_DEPTH, DREAMLOOM_MODEL_MATTING;
 an empty value or "none" switches an optional role off), "tiny" (the tiny models of
 `backend.guidance.tiny`, built once into the user cache) or a folder holding role subfolders
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from backend.guidance.denoiser import Conditioning, to_bchw
+from backend.guidance.denoiser import Conditioning, images_to_x0, to_bchw, x0_to_images
 from backend.guidance.errors import ModelLoadError
 
 ROLES = ("prior2d", "zero123", "depth", "matting")
@@ -150,16 +151,11 @@ class Prior2D:
 
     def encode(self, rgb_bxhxwx3: torch.Tensor) -> torch.Tensor:
         """x₀: scaled VAE latents (mean of the posterior) or the [−1, 1] image (pixel kind)."""
-        image = to_bchw(rgb_bxhxwx3, self.resolution) * 2.0 - 1.0
-        if self.kind == "pixel":
-            return image.float()
-        return self.vae.encode(image.to(self.dtype)).latent_dist.mean.float() * self.latent_scale
+        return images_to_x0(rgb_bxhxwx3, self.resolution, self.vae, self.latent_scale, self.dtype)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Inverse of `encode`: [B, H, W, 3] in [0, 1]."""
-        if self.kind == "latent":
-            x0 = self.vae.decode((x0 / self.latent_scale).to(self.dtype)).sample
-        return ((x0.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+        return x0_to_images(x0, self.vae, self.latent_scale, self.dtype)
 
     def predict_noise(self, x_t: torch.Tensor, t_b: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """ε from the UNet on the text embeddings (float32), whatever it was trained to predict."""
@@ -246,13 +242,11 @@ class Zero123Model:
 
     def encode(self, rgb_bxhxwx3: torch.Tensor) -> torch.Tensor:
         """x₀: scaled VAE latents (mean of the posterior) of renders [B, H, W, 3] in [0, 1]."""
-        image = to_bchw(rgb_bxhxwx3, self.resolution) * 2.0 - 1.0
-        return self.vae.encode(image.to(self.dtype)).latent_dist.mean.float() * self.latent_scale
+        return images_to_x0(rgb_bxhxwx3, self.resolution, self.vae, self.latent_scale, self.dtype)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Inverse of `encode`: [B, H, W, 3] in [0, 1]."""
-        image = self.vae.decode((x0 / self.latent_scale).to(self.dtype)).sample
-        return ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+        return x0_to_images(x0, self.vae, self.latent_scale, self.dtype)
 
     def predict_noise(self, x_t: torch.Tensor, t_b: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """ε from the UNet on [x_t ++ reference latent] and cc_projection([image embedding ++ pose]);
@@ -324,6 +318,10 @@ def load_models(
     for role in roles:
         if role not in ROLES:
             raise ValueError(f"roles: unknown role {role!r}; expected some of {ROLES}")
+    if spec.startswith("oracle:"):  # exact denoisers of a known mesh (backend.guidance.oracle)
+        from backend.guidance.oracle import load_oracle_models
+
+        return load_oracle_models(spec, device, roles)
     located = _locate_sources(spec, sources)
     # 1. Find every role's folder first, so a missing one fails before anything heavy loads.
     folders = {
