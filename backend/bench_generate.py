@@ -7,8 +7,9 @@ Run it as `python -m backend.bench generate --mesh PATH ...` (see `backend.bench
    `--models` takes (backend.guidance.oracle);
 2. render the reference image from the oracle's reference view, alpha = the object's mask (none
    with `--text-only`);
-3. run the job with `backend.pipeline.PipelineRunner` in a local job folder (out/job: events,
-   streamed meshes, the GLB), the stage loops exactly as a served job runs them;
+3. run the job (`backend.pipeline.Job`, with the config a served job of that preset gets) in a
+   local job folder (out/job: events, streamed meshes, the GLB), the stage loops exactly as a
+   served job runs them;
 4. score the last mesh each stage streamed and the final textured mesh: chamfer, F-score at 1 %,
    normal consistency (`backend.bench_reconstruct.mesh_metrics`), PSNR of the final mesh on
    held-out views, seconds per stage, peak memory.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,8 @@ class GenerateBenchOptions:
     """Per-stage step overrides (coarse, geometry, texture)."""
     camera: dict[str, Any] | None = None
     """The job's `camera` params (e.g. a reference view other than the oracle's), or None."""
+    stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Fields of the preset's stage configs to replace, e.g. {"coarse": {"mesh_res": 32}}."""
     seed: int = 0
     """The job's seed (and the metrics' samples)."""
     log: Callable[[str], None] = print
@@ -79,7 +83,7 @@ class RecordingContext(LocalContext):
 def run_job(options: GenerateBenchOptions, models, reference_png: bytes | None) -> RecordingContext:
     """Step 3: the job through the pipeline runner, in out_dir/job."""
     from backend.cli_generate import job_key
-    from backend.pipeline import PipelineRunner, describe_device
+    from backend.pipeline import Job
     from protocol.params import validate_submit
 
     params_map: dict[str, Any] = {"prompt": DEFAULT_PROMPT, "seed": options.seed, "steps": dict(options.steps),
@@ -88,15 +92,27 @@ def run_job(options: GenerateBenchOptions, models, reference_png: bytes | None) 
         params_map["camera"] = options.camera
     inputs = {} if reference_png is None else {"image": reference_png}
     params = validate_submit("generate", params_map, inputs)
-    runner = PipelineRunner(guidance=models, torch_device=options.device, preset=options.quality,
-                            device=describe_device(options.device), models=models.names())
+    shutil.rmtree(options.out_dir / "job", ignore_errors=True)  # a bench run starts afresh, never resumes
     context = RecordingContext(out_dir=options.out_dir / "job", kind="generate", params=params, inputs=inputs,
                                show_progress=False)
-    context.open(job_key("generate", {**params_map, "quality": options.quality}, inputs))
+    context.open(job_key("generate", {**params_map, "quality": options.quality,
+                                      "overrides": options.stage_overrides}, inputs))
     context.state("running")
-    runner.run(context)
+    Job(context, job_config(options, params), models, options.device).run()
     context.state("done")
     return context
+
+
+def job_config(options: GenerateBenchOptions, params: Any):
+    """The preset with the job's params applied (as a served job gets it), then the overrides."""
+    import dataclasses
+
+    from backend.config import config_for_job
+
+    config = config_for_job(params, options.quality)
+    stages = {stage: dataclasses.replace(getattr(config, stage), **fields)
+              for stage, fields in options.stage_overrides.items()}
+    return dataclasses.replace(config, **stages)
 
 
 def final_psnr(obj, body_buffers: tuple[dict, dict], preset, device: torch.device) -> dict[str, float]:
@@ -123,7 +139,7 @@ def final_psnr(obj, body_buffers: tuple[dict, dict], preset, device: torch.devic
 def generate(options: GenerateBenchOptions) -> dict:
     """Run the four steps; returns the result dict (also written to out_dir/result.json)."""
     from backend.bench_reconstruct import PRESETS, mesh_metrics, peak_memory_gb
-    from backend.config import STAGES, config_for_job
+    from backend.config import STAGES
     from backend.export import encode_png
     from backend.guidance.models import load_models
 
@@ -164,7 +180,7 @@ def generate(options: GenerateBenchOptions) -> dict:
     result["faces"] = int(len(context.meshes["texture"][1]["faces"]))
     result["device"] = str(device)
     result["quality"] = options.quality
-    config = config_for_job(context.params, options.quality)
+    config = job_config(options, context.params)
     result["steps"] = {stage: config.stage_steps(stage) for stage in STAGES}
     result["text_only"] = options.text_only
     result["models"] = models.names()
