@@ -7,7 +7,7 @@
     python build.py gpu-bench        on a CUDA machine: the GPU tests and every GPU benchmark,
                                      logs and JSON in out/gpu-bench/ (numbers for docs/benchmarks.md)
     python build.py addon            build the Blender extension: dist/dreamloom-<version>.zip
-    python build.py demo [--models tiny|default]
+    python build.py demo [--models oracle|tiny|default]
                                      set up, build the extension, install it into the bpy module,
                                      generate from a sample prompt and image with a local backend,
                                      write out/demo.blend, out/demo.glb and out/demo.png

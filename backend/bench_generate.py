@@ -12,7 +12,7 @@ Run it as `python -m backend.bench generate --mesh PATH ...` (see `backend.bench
    served job runs them;
 4. score the last mesh each stage streamed and the final textured mesh: chamfer, F-score at 1 %,
    normal consistency (`backend.bench_reconstruct.mesh_metrics`), PSNR of the final mesh on
-   held-out views, seconds per stage, peak memory.
+   held-out views, seconds per stage, peak memory; and, for comparison, the sphere NeuS starts from.
 """
 
 from __future__ import annotations
@@ -136,6 +136,20 @@ def final_psnr(obj, body_buffers: tuple[dict, dict], preset, device: torch.devic
     return {"psnr": round(psnr(ours_rgb, gt_rgb), 3), "psnr_object": round(psnr(ours_rgb, gt_rgb, union), 3)}
 
 
+def start_sphere_metrics(obj, preset, seed: int, device: torch.device) -> dict[str, float]:
+    """The scores of the sphere NeuS starts from (an icosphere of `NeuSConfig.sphere_radius`)."""
+    import trimesh
+
+    from backend.bench_reconstruct import mesh_metrics
+    from backend.neus import NeuSConfig
+
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=NeuSConfig().sphere_radius)
+    metrics = mesh_metrics(torch.as_tensor(sphere.vertices, dtype=torch.float32, device=device),
+                           torch.as_tensor(sphere.faces, dtype=torch.int32, device=device),
+                           obj.verts_vx3, obj.faces_fx3, preset, seed)
+    return {k: round(v, 6) for k, v in metrics.as_dict().items()}
+
+
 def generate(options: GenerateBenchOptions) -> dict:
     """Run the four steps; returns the result dict (also written to out_dir/result.json)."""
     from backend.bench_reconstruct import PRESETS, mesh_metrics, peak_memory_gb
@@ -170,6 +184,7 @@ def generate(options: GenerateBenchOptions) -> dict:
                                obj.verts_vx3, obj.faces_fx3, preset, options.seed)
         result[stage] = {k: round(v, 6) for k, v in metrics.as_dict().items()}
         log(f"{stage}: f_score {result[stage]['f_score']:.4f} chamfer {result[stage]['chamfer']:.5f}")
+    result["sphere"] = start_sphere_metrics(obj, preset, options.seed, device)
     final = result.pop("texture")
     result = {**final, **final_psnr(obj, context.meshes["texture"], preset, device), **result}
     starts = [context.stage_started[stage] for stage in STAGES] + [finished]

@@ -23,33 +23,28 @@ STEPS = {"coarse": 60, "geometry": 0, "texture": 0}
 FLIPPED_REFERENCE = {"reference": {"elevation_deg": 0.0, "azimuth_deg": 180.0, "distance": 3.8, "fov_deg": 20.0}}
 
 
-@pytest.fixture(scope="module")
-def suzanne_obj(tmp_path_factory) -> Path:
-    from backend.export import write_obj
-    from backend.meshio import load_mesh
-
-    mesh = load_mesh(MESHES / "suzanne.obj", triangulate=True)
-    path = tmp_path_factory.mktemp("meshes") / "suzanne_tri.obj"
-    write_obj(path, mesh.verts_vx3, mesh.faces_fx3)
-    return path
-
-
 def _run(mesh: Path, out: Path, **options) -> dict:
     return generate(GenerateBenchOptions(mesh=mesh, texture=None, quality="tiny", out_dir=out, device=torch.device("cpu"),
                                          steps=dict(STEPS), stage_overrides=SMALL, log=lambda line: None, **options))
 
 
 @pytest.fixture(scope="module")
-def correct(suzanne_obj, tmp_path_factory) -> dict:
-    return _run(suzanne_obj, tmp_path_factory.mktemp("correct"))
+def correct_out(suzanne_obj, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("correct")
+    _run(suzanne_obj, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def correct(correct_out) -> dict:
+    return json.loads((correct_out / "result.json").read_text())
 
 
 @pytest.mark.slow
-def test_the_pipeline_on_oracles_converges_and_says_so(correct, tmp_path_factory):
+def test_the_pipeline_on_oracles_converges_and_says_so(correct, correct_out):
     assert correct["coarse"]["f_score"] > 0.3
     assert set(correct["models"]) == {"prior2d", "zero123", "depth"}
-    events = [json.loads(line) for line in (Path(tmp_path_factory.getbasetemp()) / "correct0" / "job"
-                                            / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (correct_out / "job" / "events.jsonl").read_text().splitlines()]
     stages = [event for event in events if event["event"] == "stage"]
     assert [event["stage"] for event in stages] == ["coarse", "geometry", "texture"]
     assert all(event["models"] == correct["models"] for event in stages)

@@ -20,18 +20,6 @@ MESHES = ROOT / ".." / "shared" / "meshes"
 
 
 @pytest.fixture(scope="session")
-def suzanne_obj(tmp_path_factory) -> Path:
-    """The shared suzanne, fan-triangulated (the oracles take triangles only)."""
-    from backend.export import write_obj
-    from backend.meshio import load_mesh
-
-    mesh = load_mesh(MESHES / "suzanne.obj", triangulate=True)
-    path = tmp_path_factory.mktemp("meshes") / "suzanne_tri.obj"
-    write_obj(path, mesh.verts_vx3, mesh.faces_fx3)
-    return path
-
-
-@pytest.fixture(scope="session")
 def oracle(suzanne_obj):
     return load_models(f"oracle:{suzanne_obj}", "cpu")
 
