@@ -102,3 +102,22 @@ def test_generate_refuses_an_oracle_without_a_mesh(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "--models" in result.stderr and "oracle:MESH" in result.stderr
+
+
+def test_a_server_on_oracles_says_so_in_welcome(suzanne_obj, tmp_path):
+    from backend.pipeline import make_runner
+    from backend.server import Server, ServerConfig
+    from protocol.messages import Message
+    from protocol.transport import ClientSocket
+    from tests.backend.mesh_runner import ServerThread
+
+    runner = make_runner(f"oracle:{suzanne_obj}", "cpu")
+    thread = ServerThread(Server(ServerConfig(bind="tcp://127.0.0.1:*", store_dir=tmp_path / "store"), runner, None))
+    client = ClientSocket(thread.address)
+    try:
+        welcome = client.request(Message("hello", {"client_name": "tests", "client_version": "0", "protocol": 1}),
+                                 timeout_s=10)
+        assert welcome.body["models"] == {role: f"oracle:{suzanne_obj}" for role in ("prior2d", "zero123", "depth")}
+    finally:
+        client.close()
+        thread.stop()
