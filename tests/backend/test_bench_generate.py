@@ -1,5 +1,6 @@
-"""The generation benchmark on oracle models: the pipeline converges to the known mesh, a flipped
-convention makes it miss (the teeth), a text-only job converges too, and bad input exits 2."""
+"""The generation benchmark on oracle models: the pipeline converges towards the known mesh, a
+wrong reference pose makes it miss (the teeth; the relative-azimuth sign is caught at the guidance
+level, tests/backend/guidance/test_oracle.py), a text-only job converges too, bad input exits 2."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from backend.bench_generate import GenerateBenchOptions, generate
 ROOT = Path(__file__).resolve().parents[2]
 MESHES = ROOT / ".." / "shared" / "meshes"
 
-SMALL = {"coarse": {"render_res": 32, "mesh_res": 32, "lr": 2e-2}}
-"""The tiny preset with coarse renders and streamed meshes fine enough for a 1 % F-score."""
+SMALL = {"coarse": {"render_res": 32, "mesh_res": 32, "lr": 2e-2, "zero123_weight": 2.0}}
+"""The tiny preset with coarse renders and streamed meshes fine enough for a 1 % F-score, and
+Zero123 weighted as in DreamCraft3D (μ = 2)."""
 STEPS = {"coarse": 60, "geometry": 0, "texture": 0}
-FLIPPED_REFERENCE = {"reference": {"elevation_deg": 0.0, "azimuth_deg": 180.0, "distance": 3.8, "fov_deg": 20.0}}
+TURNED_REFERENCE = {"reference": {"elevation_deg": 0.0, "azimuth_deg": 90.0, "distance": 3.8, "fov_deg": 20.0}}
+"""The job says the reference image was taken from the side; the oracles took it from the front."""
 
 
 def _run(mesh: Path, out: Path, **options) -> dict:
@@ -42,7 +45,8 @@ def correct(correct_out) -> dict:
 
 @pytest.mark.slow
 def test_the_pipeline_on_oracles_converges_and_says_so(correct, correct_out):
-    assert correct["coarse"]["f_score"] > 0.3
+    assert correct["coarse"]["f_score"] > 5 * correct["sphere"]["f_score"] + 0.1
+    assert correct["coarse"]["chamfer"] < 0.3 * correct["sphere"]["chamfer"]
     assert set(correct["models"]) == {"prior2d", "zero123", "depth"}
     events = [json.loads(line) for line in (correct_out / "job" / "events.jsonl").read_text().splitlines()]
     stages = [event for event in events if event["event"] == "stage"]
@@ -51,29 +55,17 @@ def test_the_pipeline_on_oracles_converges_and_says_so(correct, correct_out):
 
 
 @pytest.mark.slow
-def test_a_flipped_reference_pose_makes_it_miss(correct, suzanne_obj, tmp_path):
-    flipped = _run(suzanne_obj, tmp_path, camera=FLIPPED_REFERENCE)
-    assert flipped["coarse"]["f_score"] < 0.6 * correct["coarse"]["f_score"]
-
-
-@pytest.mark.slow
-def test_a_flipped_zero123_azimuth_makes_it_miss(correct, suzanne_obj, tmp_path, monkeypatch):
-    from backend.guidance import schedule
-
-    true_pose = schedule.zero123_pose
-
-    def flipped_pose(*args, **kwargs):  # the sign of the relative azimuth turned round
-        return true_pose(*args, **kwargs) * torch.tensor([1.0, -1.0, 1.0, 1.0])
-
-    monkeypatch.setattr(schedule, "zero123_pose", flipped_pose)
-    flipped = _run(suzanne_obj, tmp_path)
-    assert flipped["coarse"]["f_score"] < 0.6 * correct["coarse"]["f_score"]
+def test_a_wrong_reference_pose_makes_it_miss(correct, suzanne_obj, tmp_path):
+    turned = _run(suzanne_obj, tmp_path, camera=TURNED_REFERENCE)
+    assert turned["coarse"]["f_score"] < 0.6 * correct["coarse"]["f_score"]
 
 
 @pytest.mark.slow
 def test_a_text_only_job_on_the_oracle_converges(suzanne_obj, tmp_path):
     result = _run(suzanne_obj, tmp_path, text_only=True)
-    assert result["text_only"] and result["coarse"]["f_score"] > 0.3
+    assert result["text_only"]
+    assert result["coarse"]["f_score"] > 5 * result["sphere"]["f_score"]
+    assert result["coarse"]["chamfer"] < 0.6 * result["sphere"]["chamfer"]
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
