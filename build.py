@@ -15,7 +15,7 @@
     python build.py wheelhouse [--python 3.12] [--platform manylinux_2_28_x86_64] --to DIR
                                      where PyPI is reachable: the pinned wheels a PyTorch box lacks
     python build.py addon            build the Blender extension: dist/dreamloom-<version>.zip
-    python build.py demo [--models tiny|default]
+    python build.py demo [--models oracle|tiny|default]
                                      set up, build the extension, install it into the bpy module,
                                      generate from a sample prompt and image with a local backend,
                                      write out/demo.blend, out/demo.glb and out/demo.png

@@ -48,7 +48,8 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
                        help="CurveZMQ key folder (python -m protocol.keys server DIR); required off loopback")
     serve.add_argument("--insecure", action="store_true",
                        help="allow a non-loopback --bind without --keys (unencrypted, unauthenticated)")
-    serve.add_argument("--models", default="default", help="model set the pipeline loads (default: default)")
+    serve.add_argument("--models", default="default",
+                       help="model set the pipeline loads: default, tiny, a folder or oracle:MESH[,TEXTURE] (default: default)")
     serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                        help=f"most waiting jobs; more get queue_full (default {DEFAULT_MAX_QUEUE})")
     serve.add_argument("--keep-days", type=float, default=DEFAULT_KEEP_DAYS,

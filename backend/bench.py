@@ -1,8 +1,10 @@
-"""Benchmarks of the backend: `python -m backend.bench reconstruct --mesh PATH [...] --out DIR`.
+"""Benchmarks of the backend: `python -m backend.bench reconstruct|generate --mesh PATH [...] --out DIR`.
 
 `reconstruct` rebuilds a known mesh from its renders with the 3D core (NeuS -> DMTet -> colour
-field -> xatlas + baked texture) and prints progress, then, as its last line, one JSON object
-with the metrics, the seconds per stage and the peak memory (see docs/benchmarks.md).
+field -> xatlas + baked texture); `generate` runs the whole generation pipeline on oracle models
+of the mesh (`--models oracle:MESH[,TEXTURE]`) from its rendered reference image (or its prompt
+alone, `--text-only`). Each prints progress, then, as its last line, one JSON object with the
+metrics, the seconds per stage and the peak memory (see docs/benchmarks.md).
 Bad input (missing/empty/non-triangular mesh, bad flags) prints one line naming the file or flag
 and the problem, and exits with status 2.
 """
@@ -44,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--triangulate", action="store_true", help="fan-triangulate OBJ polygons instead of refusing them")
     recon.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     recon.add_argument("--out", required=True, type=Path, help="output folder")
+    gen = commands.add_parser("generate", help="run the pipeline on oracle models of a known mesh and score it")
+    gen.add_argument("--mesh", required=True, type=Path, help="ground-truth mesh (.obj, .glb, .gltf)")
+    gen.add_argument("--texture", type=Path, help="base-colour image for the mesh's UVs (overrides an MTL's)")
+    gen.add_argument("--text-only", action="store_true", help="no reference image: the prompt's prior alone")
+    gen.add_argument("--quality", default="draft", choices=sorted(PRESETS), help="pipeline preset (default draft)")
+    gen.add_argument("--steps", default="", help='per-stage step overrides, e.g. "coarse=300,geometry=100,texture=50"')
+    gen.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--out", required=True, type=Path, help="output folder")
     return parser
 
 
@@ -107,17 +118,50 @@ def step_overrides(text: str | None) -> dict[str, int]:
     return {f"{name}_steps": count for name, count in steps.items()}
 
 
+def _steps(text: str) -> dict[str, int]:
+    """"coarse=300,texture=50" -> {"coarse": 300, "texture": 50}."""
+    from backend.config import STAGES
+
+    steps: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        stage, _, count = item.partition("=")
+        if stage not in STAGES or not count.isdigit():
+            raise BenchError(f"--steps {text}: expected STAGE=N items with STAGE one of {', '.join(STAGES)}, got {item!r}")
+        steps[stage] = int(count)
+    return steps
+
+
+def generate_options(args: argparse.Namespace):
+    """Validate the `generate` flags into `GenerateBenchOptions` (the mesh is checked as it loads)."""
+    from backend.bench_generate import GenerateBenchOptions
+
+    if args.out.exists() and not args.out.is_dir():
+        raise BenchError(f"--out {args.out}: exists and is not a folder")
+    return GenerateBenchOptions(mesh=args.mesh, texture=args.texture, quality=args.quality, out_dir=args.out,
+                                device=_device(args.device), text_only=args.text_only, steps=_steps(args.steps),
+                                seed=args.seed, log=lambda line: print(line, flush=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "reconstruct":
-            options = reconstruct_options(args)
+        options = reconstruct_options(args) if args.command == "reconstruct" else generate_options(args)
     except BenchError as error:
         print(f"python -m backend.bench: error: {error}", file=sys.stderr)
         return USAGE_ERROR
-    from backend.bench_reconstruct import reconstruct
+    if args.command == "reconstruct":
+        from backend.bench_reconstruct import reconstruct
 
-    result = reconstruct(options)
+        result = reconstruct(options)
+    else:
+        from backend.bench_generate import generate
+        from backend.guidance.errors import ModelLoadError
+
+        try:
+            result = generate(options)
+        except ModelLoadError as error:  # the mesh or texture, refused as the oracles load
+            print(f"python -m backend.bench: error: {error}", file=sys.stderr)
+            return USAGE_ERROR
     print(json.dumps(result), flush=True)
     return 0
 

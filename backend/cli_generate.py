@@ -85,7 +85,8 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--quality", default="standard", help="draft, standard or high")
     parser.add_argument(
-        "--models", default="default", help="guidance models: default, tiny or a directory"
+        "--models", default="default",
+        help="guidance models: default, tiny, a directory, or oracle:MESH[,TEXTURE] (exact denoisers of a known mesh)"
     )
     parser.add_argument("--seed", default="0", help="random seed, 0 to 2^31-1")
     parser.add_argument("--elevation", help="MIN,MAX elevation range in degrees (-10,45)")
@@ -551,6 +552,7 @@ def run_command(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         sys.stderr.write(f"{prog}: error: --models: {exc}\n")
         return EXIT_BAD_INPUT
+    sys.stderr.write("models: " + ", ".join(f"{role} {name}" for role, name in runner.models.items()) + "\n")
     context = LocalContext(out_dir=Path(args.out), kind=job.kind, params=job.params,
                            inputs=job.inputs, show_progress=not args.no_progress)
     context.open(job_key(job.kind, job.params_map, job.inputs))

@@ -77,13 +77,15 @@ def write_glb(
     uvs: np.ndarray | None = None,
     texture_rgb: np.ndarray | None = None,
     vertex_colors: np.ndarray | None = None,
+    metadata: dict | None = None,
 ) -> bytes:
     """A binary glTF of one mesh; written to `path` too unless it is None. Returns the bytes.
 
     verts [V, 3] (Z-up world), faces [F, 3] int, uvs [V, 2] (bottom-left origin),
     texture_rgb uint8 [H, W, 3] (becomes the PBR material's base colour texture, a PNG),
     vertex_colors [V, 3|4] float in [0, 1] or uint8 (COLOR_0), written only when there are no
-    uvs: a textured material takes precedence (a mesh event may carry both).
+    uvs: a textured material takes precedence (a mesh event may carry both); metadata (JSON
+    values) goes into the scene's `extras` (Blender's importer makes them custom properties).
     """
     import trimesh
     from PIL import Image
@@ -105,7 +107,7 @@ def write_glb(
     elif vertex_colors is not None:
         mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=_rgba_uint8(vertex_colors))
     # 3. Serialise.
-    data = trimesh.Scene(mesh).export(file_type="glb")
+    data = trimesh.Scene(mesh, metadata=dict(metadata or {})).export(file_type="glb")
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(data)

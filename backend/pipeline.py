@@ -220,8 +220,7 @@ class Job:
                               occupancy=occupancy, stratified=True, generator=self.device_generator)
             # 4. Hybrid SDS at annealed timesteps (2D prior + mu * Zero123 with an image).
             losses = {}
-            sds, info = hybrid.loss(out["rgb"], cams.elevation_deg_b, cams.azimuth_deg_b,
-                                    cams.distance_b, step, self.device_generator)
+            sds, info = hybrid.loss(out["rgb"], cams, step, self.device_generator)
             losses["hybrid_sds"] = (cfg.sds_weight, sds)
             # 5. The reference view holds the image: RGB, mask, depth (and normal).
             if self.reference is not None:
@@ -290,8 +289,7 @@ class Job:
             shaded = shade_normals(render)
             # 4. SDS on the shaded renders (+ Zero123 with an image).
             losses = {}
-            sds, info = hybrid.loss(shaded, cams.elevation_deg_b, cams.azimuth_deg_b,
-                                    cams.distance_b, step, self.device_generator)
+            sds, info = hybrid.loss(shaded, cams, step, self.device_generator)
             losses["hybrid_sds"] = (cfg.sds_weight, sds)
             # 5. The reference view's mask and depth.
             if self.reference is not None:
@@ -410,7 +408,7 @@ class Job:
             # 3. BSD: the LoRAs learn the renders' score, the colours follow the prior.
             losses = {}
             try:
-                bsd_loss, info = bsd.step(rgb, cams.c2w_bx4x4, step, cfg.steps)
+                bsd_loss, info = bsd.step(rgb, cams, step, cfg.steps)
             except FloatingPointError as exc:
                 raise self._diverged(str(exc)) from exc
             losses["bsd"] = (cfg.bsd_weight, bsd_loss)
@@ -446,7 +444,7 @@ class Job:
                                        check_cancelled=self.ctx.check_cancelled)
         out_verts = surface.out_verts_vx3.cpu().numpy()
         glb = write_glb(None, out_verts, uv_mesh.faces_fx3, uvs=uv_mesh.uvs_vx2,
-                        texture_rgb=texture_rgb)
+                        texture_rgb=texture_rgb, metadata={"dreamloom_models": self.guidance.names()})
         self.ctx.set_result(glb)
         emit_mesh(self.ctx, "texture", self.config.texture.steps, out_verts, uv_mesh.faces_fx3,
                   final=True, uvs_vx2=uv_mesh.uvs_vx2, texture_png=encode_png(texture_rgb))
@@ -456,10 +454,11 @@ class Job:
     def _stage_start(self, stage: str, steps: int, start: int, modules: dict, optimisers: dict,
                      tensors: dict | None = None) -> None:
         """The stage-start checkpoint (not when resuming mid-stage), then the `stage` event: a
-        process killed once the event is out resumes in this stage, never before it."""
+        process killed once the event is out resumes in this stage, never before it. The event
+        names the models the stage runs on (role -> name; "oracle:..." for oracles)."""
         if start == 0:
             self._save(stage, 0, modules, optimisers, tensors)
-        self.ctx.emit("stage", {"stage": stage, "steps": steps})
+        self.ctx.emit("stage", {"stage": stage, "steps": steps, "models": self.guidance.names()})
 
     def _after_step(self, cadence: Cadence, step: int, timer: "StepTimer", values: dict,
                     render: Tensor, mesh_fn, modules: dict, optimisers: dict,
@@ -602,10 +601,8 @@ class Job:
         if self.reference is None or self.guidance.zero123 is None:
             return None
         if getattr(self, "_z123_reference", None) is None:
-            from backend.guidance.zero123 import encode_reference
-
-            self._z123_reference = encode_reference(self.guidance.zero123, self.reference.rgb_hxwx3,
-                                                    self.reference.mask_hxwx1)
+            self._z123_reference = self.guidance.zero123.encode_reference(self.reference.rgb_hxwx3,
+                                                                          self.reference.mask_hxwx1)
         return self._z123_reference
 
     def _embeddings(self, view_dependent: bool):

@@ -81,9 +81,8 @@ def full_size_models(device: torch.device, dtype: torch.dtype, seed: int = 0):
     """GuidanceModels with random full-size weights, plus random prompt and reference embeddings."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from backend.guidance.models import CCProjection, GuidanceModels, Prior2D, Zero123Model
+    from backend.guidance.models import CCProjection, GuidanceModels, Prior2D, Zero123Model, Zero123Reference
     from backend.guidance.sds import VIEWS, PromptEmbeddings
-    from backend.guidance.zero123 import Zero123Reference
 
     torch.manual_seed(seed)
 
@@ -125,11 +124,10 @@ def tiny_setup(device: torch.device):
     """The tiny models through the loader, with real prompt and reference encodings."""
     from backend.guidance.models import load_models
     from backend.guidance.sds import encode_prompt
-    from backend.guidance.zero123 import encode_reference
 
     models = load_models("tiny", device, roles=("prior2d", "zero123"))
     embeddings = encode_prompt(models.prior2d, "a cow")
-    reference = encode_reference(models.zero123, torch.rand(64, 64, 3, device=device))
+    reference = models.zero123.encode_reference(torch.rand(64, 64, 3, device=device))
     return models, embeddings, reference
 
 
@@ -158,6 +156,7 @@ def _log_phase(name: str, ms: float, peak_mib: float | None) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from backend.cameras import Cameras
     from backend.guidance.bsd import BSD, BSDConfig
     from backend.guidance.schedule import HybridConfig, HybridGuidance
 
@@ -169,11 +168,8 @@ def run(args: argparse.Namespace) -> dict:
         models, embeddings, reference = full_size_models(device, dtype)
     generator = torch.Generator(device).manual_seed(0)
     batch, res = args.batch, args.render_res
-    elevation = torch.full((batch,), 15.0, device=device)
-    azimuth = torch.linspace(-120.0, 120.0, batch, device=device)
-    distance = torch.full((batch,), 3.8, device=device)
-    c2w = torch.eye(4, device=device).repeat(batch, 1, 1)
-    c2w[:, 1, 3] = -3.8
+    cameras = Cameras.from_orbit(torch.full((batch,), 15.0), torch.linspace(-120.0, 120.0, batch),
+                                 torch.full((batch,), 3.8), torch.full((batch,), 20.0), res, res).to(device)
     render = torch.rand(batch, res, res, 3, device=device)
 
     # 1. Hybrid SDS: 2D SDS + μ·Zero123 3D-SDS, backward to the render.
@@ -181,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def hybrid_step():
         rgb = render.clone().requires_grad_(True)
-        loss, _ = hybrid.loss(rgb, elevation, azimuth, distance, step=0, generator=generator)
+        loss, _ = hybrid.loss(rgb, cameras, step=0, generator=generator)
         loss.backward()
 
     hybrid_ms, hybrid_peak = _timed(hybrid_step, device, args.warmup, args.repeats)
@@ -195,11 +191,11 @@ def run(args: argparse.Namespace) -> dict:
 
     def bsd_step():
         rgb = render.clone().requires_grad_(True)
-        loss, _ = bsd.step(rgb, c2w, step=next(step_counter), total=1000)
+        loss, _ = bsd.step(rgb, cameras, step=next(step_counter), total=1000)
         loss.backward()
 
     def bsd_round():
-        bsd.finetune_step(render, c2w, step=0, total=1000)
+        bsd.finetune_step(render, cameras, step=0, total=1000)
 
     try:
         bsd_ms, bsd_peak = _timed(bsd_step, device, args.warmup, args.repeats)

@@ -2,11 +2,11 @@
 
     BSDConfig                              LoRA rank and learning rates, schedule of the bootstrap
     BSD(prior, embeddings, config, generator)
-        .step(rgb_bxhxwx3, c2w_bx4x4, step, total) -> (loss, parts)    the readable alternation
-        .finetune_step(renders_bxhxwx3, c2w_bx4x4, step, total) -> float  DreamBooth LoRA round
-        .vsd_step(renders_bxhxwx3, c2w_bx4x4) -> float                  VSD LoRA update
-        .texture_loss(rgb_bxhxwx3, c2w_bx4x4, t_range) -> (loss, SDSInfo)
-        .close()                                                         remove both LoRAs
+        .step(rgb_bxhxwx3, cameras, step, total) -> (loss, parts)    the readable alternation
+        .finetune_step(renders_bxhxwx3, cameras, step, total) -> float  DreamBooth LoRA round
+        .vsd_step(renders_bxhxwx3, cameras) -> float                  VSD LoRA update
+        .texture_loss(rgb_bxhxwx3, cameras, t_range) -> (loss, SDSInfo)
+        .close()                                                       remove both LoRAs
 
 Two LoRA adapters are added to the shared, frozen 2D prior's UNet (peft, `to_q`, `to_k`, `to_v`,
 `to_out.0`); no UNet is copied. Both are camera-conditioned: a small MLP per adapter maps the
@@ -27,6 +27,10 @@ Texture gradient, on x₀ = latents of the render (target trick as in SDS):
 
 The adapters are active only inside BSD's own calls; outside them the shared UNet is the base
 model, so SDS users (and later jobs) are unaffected. `close()` deletes both adapters.
+
+A prior without weights to adapt (`prior.unet is None`: the oracles of `backend.guidance.oracle`)
+gets no LoRAs: no DreamBooth rounds, and ε_vsd is the noise ε itself, so the texture gradient is
+SDS on that prior, ω(t)·(ε̂ − ε) (docs/guidance.md).
 """
 
 from __future__ import annotations
@@ -40,18 +44,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from backend.cameras import Cameras
+from backend.guidance.denoiser import Conditioning, guided_noise
 from backend.guidance.models import Prior2D
-from backend.guidance.sds import (
-    PromptEmbeddings,
-    SDSInfo,
-    add_noise,
-    decode_images,
-    encode_images,
-    predict_noise,
-    sample_timesteps,
-    target_loss,
-    view_index,
-)
+from backend.guidance.sds import PromptEmbeddings, SDSInfo, add_noise, sample_timesteps, target_loss, view_index
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 _adapter_ids = itertools.count()
@@ -120,15 +116,19 @@ class BSD:
         self.embeddings = embeddings
         self.config = config
         self.generator = generator
+        self.trainable = prior.unet is not None
+        """False for a prior without weights (an oracle): no LoRAs, ε_vsd = ε."""
         unet = prior.unet
         number = next(_adapter_ids)
         self.dreambooth = f"bsd_dreambooth_{number}"
         """Adapter name of the DreamBooth LoRA."""
         self.vsd = f"bsd_vsd_{number}"
         """Adapter name of the VSD LoRA."""
-        time_dim = unet.time_embedding.linear_2.out_features
         self.cameras = {}
         self.optimizers = {}
+        if not self.trainable:
+            return
+        time_dim = unet.time_embedding.linear_2.out_features
         for name, lr in ((self.dreambooth, config.dreambooth_lr), (self.vsd, config.vsd_lr)):
             lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=LORA_TARGETS)
             with warnings.catch_warnings():  # peft warns that a second adapter joins the first
@@ -151,10 +151,14 @@ class BSD:
         return params
 
     @contextmanager
-    def _adapter(self, adapter: str, c2w_bx4x4: torch.Tensor):
-        """Run the UNet with one adapter and its camera offset; the base model again on exit."""
+    def _adapter(self, adapter: str, cameras: Cameras):
+        """Run the UNet with one adapter and its camera offset; the base model again on exit
+        (the plain prior where there is nothing to adapt)."""
+        if not self.trainable:
+            yield
+            return
         unet = self.prior.unet
-        offset_bxd = self.cameras[adapter](c2w_bx4x4.to(self.prior.device))
+        offset_bxd = self.cameras[adapter](cameras.c2w_bx4x4.to(self.prior.device))
 
         def add_camera(module, inputs, output):
             repeats = output.shape[0] // offset_bxd.shape[0]
@@ -169,28 +173,26 @@ class BSD:
             hook.remove()
             unet.disable_adapters()
 
-    def _text(self, c2w_bx4x4: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] view-dependent prompt embeddings for the cameras."""
-        elevation, azimuth = angles_from_c2w(c2w_bx4x4)
-        return self.embeddings.cond_for(view_index(elevation, azimuth))
+    def _cond(self, cameras: Cameras) -> Conditioning:
+        """The view-dependent prompt embeddings and the cameras."""
+        elevation, azimuth = angles_from_c2w(cameras.c2w_bx4x4)
+        return Conditioning(text_bxlxd=self.embeddings.cond_for(view_index(elevation, azimuth)), cameras=cameras)
 
-    def _guided_dreambooth(self, x_t, t_b, c2w_bx4x4) -> torch.Tensor:
+    def _guided_dreambooth(self, x_t, t_b, cameras: Cameras) -> torch.Tensor:
         """ε̂ of the DreamBooth model with classifier-free guidance (no gradient)."""
-        batch = x_t.shape[0]
-        states = torch.cat([self.embeddings.uncond_1xlxd.expand(batch, -1, -1), self._text(c2w_bx4x4)])
-        with self._adapter(self.dreambooth, c2w_bx4x4):
-            eps_u, eps_c = predict_noise(self.prior, torch.cat([x_t, x_t]), torch.cat([t_b, t_b]), states).chunk(2)
-        return eps_u + self.config.guidance_scale * (eps_c - eps_u)
+        uncond = Conditioning(text_bxlxd=self.embeddings.uncond_1xlxd.expand(x_t.shape[0], -1, -1), cameras=cameras)
+        with self._adapter(self.dreambooth, cameras):
+            return guided_noise(self.prior, x_t, t_b, self._cond(cameras), uncond, self.config.guidance_scale)
 
-    def _train_adapter(self, adapter: str, x0: torch.Tensor, c2w_bx4x4: torch.Tensor) -> float:
+    def _train_adapter(self, adapter: str, x0: torch.Tensor, cameras: Cameras) -> float:
         """One ε-prediction update of `adapter` on x₀ (t uniform in [0.02, 0.98])."""
         t_b = sample_timesteps(x0.shape[0], (0.02, 0.98), self.prior.num_train_timesteps, self.generator, x0.device)
         noise = torch.randn(x0.shape, generator=self.generator, device=x0.device)
         x_t = add_noise(x0, noise, self.prior.alphas_cumprod_t, t_b)
         optimizer = self.optimizers[adapter]
         optimizer.zero_grad(set_to_none=True)
-        with self._adapter(adapter, c2w_bx4x4):
-            loss = F.mse_loss(predict_noise(self.prior, x_t, t_b, self._text(c2w_bx4x4)), noise)
+        with self._adapter(adapter, cameras):
+            loss = F.mse_loss(self.prior.predict_noise(x_t, t_b, self._cond(cameras)), noise)
             loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -203,10 +205,10 @@ class BSD:
         return self.config.restore_t_start + (self.config.restore_t_end - self.config.restore_t_start) * fraction
 
     @torch.no_grad()
-    def restore(self, renders_bxhxwx3: torch.Tensor, c2w_bx4x4: torch.Tensor, t_prime: float) -> torch.Tensor:
+    def restore(self, renders_bxhxwx3: torch.Tensor, cameras: Cameras, t_prime: float) -> torch.Tensor:
         """Renders noised to t′ and denoised by the current DreamBooth model (deterministic DDIM)."""
         alphas = self.prior.alphas_cumprod_t
-        x0 = encode_images(self.prior, renders_bxhxwx3)
+        x0 = self.prior.encode(renders_bxhxwx3)
         start = max(1, round(t_prime * self.prior.num_train_timesteps))
         schedule = torch.linspace(start, 0, self.config.restore_steps + 1).round().long().tolist()
         t_b = torch.full((x0.shape[0],), start, device=x0.device, dtype=torch.long)
@@ -216,34 +218,34 @@ class BSD:
         for t, t_next in zip(schedule[:-1], schedule[1:]):
             # 1. Predict ε and the clean sample at t.
             t_b = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
-            eps = self._guided_dreambooth(x_t, t_b, c2w_bx4x4)
+            eps = self._guided_dreambooth(x_t, t_b, cameras)
             x0_hat = (x_t - (1.0 - alphas[t]).sqrt() * eps) / alphas[t].sqrt()
             # 2. Step to t_next along the same ε (η = 0).
             x_t = alphas[t_next].sqrt() * x0_hat + (1.0 - alphas[t_next]).sqrt() * eps
-        return decode_images(self.prior, x0_hat)
+        return self.prior.decode(x0_hat)
 
-    def finetune_step(self, renders_bxhxwx3: torch.Tensor, c2w_bx4x4: torch.Tensor, step: int, total: int) -> float:
+    def finetune_step(self, renders_bxhxwx3: torch.Tensor, cameras: Cameras, step: int, total: int) -> float:
         """One DreamBooth round: restore the renders at t′(step), then `finetune_iters` LoRA updates."""
-        restored = self.restore(renders_bxhxwx3.detach(), c2w_bx4x4, self.restore_t(step, total))
+        restored = self.restore(renders_bxhxwx3.detach(), cameras, self.restore_t(step, total))
         with torch.no_grad():
-            x0 = encode_images(self.prior, restored)
-        losses = [self._train_adapter(self.dreambooth, x0, c2w_bx4x4) for _ in range(self.config.finetune_iters)]
+            x0 = self.prior.encode(restored)
+        losses = [self._train_adapter(self.dreambooth, x0, cameras) for _ in range(self.config.finetune_iters)]
         return sum(losses) / max(len(losses), 1)
 
-    def vsd_step(self, renders_bxhxwx3: torch.Tensor, c2w_bx4x4: torch.Tensor) -> float:
+    def vsd_step(self, renders_bxhxwx3: torch.Tensor, cameras: Cameras) -> float:
         """One update of the VSD LoRA towards the score of the current renders."""
         with torch.no_grad():
-            x0 = encode_images(self.prior, renders_bxhxwx3.detach())
-        return self._train_adapter(self.vsd, x0, c2w_bx4x4)
+            x0 = self.prior.encode(renders_bxhxwx3.detach())
+        return self._train_adapter(self.vsd, x0, cameras)
 
     def texture_loss(
-        self, rgb_bxhxwx3: torch.Tensor, c2w_bx4x4: torch.Tensor, t_range: tuple[float, float]
+        self, rgb_bxhxwx3: torch.Tensor, cameras: Cameras, t_range: tuple[float, float]
     ) -> tuple[torch.Tensor, SDSInfo]:
         """The BSD loss of renders [B, H, W, 3] in [0, 1]: gradient ω(t)(ε̂_dreambooth − ε_vsd) / B."""
-        return self.texture_loss_on(encode_images(self.prior, rgb_bxhxwx3), c2w_bx4x4, t_range)
+        return self.texture_loss_on(self.prior.encode(rgb_bxhxwx3), cameras, t_range)
 
     def texture_loss_on(
-        self, x0: torch.Tensor, c2w_bx4x4: torch.Tensor, t_range: tuple[float, float]
+        self, x0: torch.Tensor, cameras: Cameras, t_range: tuple[float, float]
     ) -> tuple[torch.Tensor, SDSInfo]:
         """texture_loss on x₀ already in the prior's space; draws t, then ε, from the generator."""
         batch = x0.shape[0]
@@ -251,9 +253,11 @@ class BSD:
         noise = torch.randn(x0.shape, generator=self.generator, device=x0.device)
         with torch.no_grad():
             x_t = add_noise(x0.detach().float(), noise, self.prior.alphas_cumprod_t, t_b)
-            eps_dreambooth = self._guided_dreambooth(x_t, t_b, c2w_bx4x4)
-            with self._adapter(self.vsd, c2w_bx4x4):
-                eps_vsd = predict_noise(self.prior, x_t, t_b, self._text(c2w_bx4x4))
+            eps_dreambooth = self._guided_dreambooth(x_t, t_b, cameras)
+            eps_vsd = noise
+            if self.trainable:
+                with self._adapter(self.vsd, cameras):
+                    eps_vsd = self.prior.predict_noise(x_t, t_b, self._cond(cameras))
             w_b = (1.0 - self.prior.alphas_cumprod_t[t_b]).view(-1, 1, 1, 1)
             grad = torch.nan_to_num(w_b * (eps_dreambooth - eps_vsd))
         loss = target_loss(x0, grad)
@@ -262,18 +266,19 @@ class BSD:
     # ------------------------------------------------------------------ the alternation
 
     def step(
-        self, rgb_bxhxwx3: torch.Tensor, c2w_bx4x4: torch.Tensor, step: int, total: int
+        self, rgb_bxhxwx3: torch.Tensor, cameras: Cameras, step: int, total: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """One texture step: bootstrap the DreamBooth LoRA now and then, fit the VSD LoRA, distil."""
         parts: dict[str, float] = {}
         # 1. Every `finetune_every` steps: a DreamBooth round on freshly restored renders.
-        if step % max(self.config.finetune_every, 1) == 0:
-            parts["dreambooth"] = self.finetune_step(rgb_bxhxwx3, c2w_bx4x4, step, total)
+        if self.trainable and step % max(self.config.finetune_every, 1) == 0:
+            parts["dreambooth"] = self.finetune_step(rgb_bxhxwx3, cameras, step, total)
             parts["restore_t"] = self.restore_t(step, total)
         # 2. The VSD LoRA follows the renders as they are now.
-        parts["vsd_lora"] = self.vsd_step(rgb_bxhxwx3, c2w_bx4x4)
+        if self.trainable:
+            parts["vsd_lora"] = self.vsd_step(rgb_bxhxwx3, cameras)
         # 3. The texture gradient from the difference of the two scores.
-        loss, info = self.texture_loss(rgb_bxhxwx3, c2w_bx4x4, self.config.t_range)
+        loss, info = self.texture_loss(rgb_bxhxwx3, cameras, self.config.t_range)
         parts["bsd"] = float(loss.detach())
         parts["grad_norm"] = info.grad_norm
         if not math.isfinite(parts["bsd"]):

@@ -2,7 +2,8 @@
 
     load_models(spec="default", device="cpu", dtype=None, roles=ROLES, sources=None) -> GuidanceModels
 
-`spec` is "default" (the hub ids of `ModelSources`, overridable per role by environment variables
+`spec` is "oracle:MESH[,TEXTURE]" (the exact denoisers of a known mesh, `backend.guidance.oracle`),
+"default" (the hub ids of `ModelSources`, overridable per role by environment variables
 DREAMLOOM_MODEL_PRIOR2D, DREAMLOOM_MODEL_ZERO123, DREAMLOOM_MODEL_DEPTH, DREAMLOOM_MODEL_MATTING;
 an empty value or "none" switches an optional role off), "tiny" (the tiny models of
 `backend.guidance.tiny`, built once into the user cache) or a folder holding role subfolders
@@ -32,9 +33,11 @@ from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from backend.guidance.denoiser import Conditioning, images_to_x0, to_bchw, x0_to_images
 from backend.guidance.errors import ModelLoadError
 from backend.guidance.hub import pick_weights, split_revision
 
@@ -152,6 +155,46 @@ class Prior2D:
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod_t.shape[0])
 
+    # The denoiser interface (backend.guidance.denoiser) -------------------------------------
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], max_tokens: int) -> torch.Tensor:
+        """[N, L, D] last hidden states of the text encoder (T5 for IF runs with its mask)."""
+        tokens = self.tokenizer(texts, padding="max_length", max_length=min(self.tokenizer.model_max_length, max_tokens),
+                                truncation=True, return_tensors="pt")
+        input_ids = tokens.input_ids.to(self.device)
+        if self.kind == "pixel":
+            return self.text_encoder(input_ids, attention_mask=tokens.attention_mask.to(self.device))[0]
+        return self.text_encoder(input_ids)[0]
+
+    def encode(self, rgb_bxhxwx3: torch.Tensor) -> torch.Tensor:
+        """x₀: scaled VAE latents (mean of the posterior) or the [−1, 1] image (pixel kind)."""
+        return images_to_x0(rgb_bxhxwx3, self.resolution, self.vae, self.latent_scale, self.dtype)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Inverse of `encode`: [B, H, W, 3] in [0, 1]."""
+        return x0_to_images(x0, self.vae, self.latent_scale, self.dtype)
+
+    def predict_noise(self, x_t: torch.Tensor, t_b: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """ε from the UNet on the text embeddings (float32), whatever it was trained to predict."""
+        states = cond.text_bxlxd.to(self.dtype)
+        out = self.unet(x_t.to(self.dtype), t_b, encoder_hidden_states=states).sample
+        out = out[:, : x_t.shape[1]].float()  # IF predicts a variance too
+        if self.scheduler.config.prediction_type == "v_prediction":
+            alpha_bar = self.alphas_cumprod_t[t_b].view(-1, 1, 1, 1)
+            out = alpha_bar.sqrt() * out + (1.0 - alpha_bar).sqrt() * x_t.float()
+        return out
+
+
+@dataclass
+class Zero123Reference:
+    """The reference image encoded once per job for Zero123."""
+
+    image_embeds_1x1xd: torch.Tensor
+    """CLIP image embedding of the reference (projected), [1, 1, D] in the model dtype."""
+    latents_1xcxhxw: torch.Tensor
+    """VAE posterior mode of the reference, unscaled, [1, 4, h, w] in the model dtype."""
+
 
 @dataclass
 class Zero123Model:
@@ -185,10 +228,59 @@ class Zero123Model:
     """Where the weights live."""
     dtype: torch.dtype
     """The weights' dtype."""
+    kind: str = "latent"
+    """Zero123 works on VAE latents."""
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod_t.shape[0])
+
+    # The denoiser interface (backend.guidance.denoiser) -------------------------------------
+
+    @torch.no_grad()
+    def encode_reference(self, rgb_hxwx3: torch.Tensor, mask_hxwx1: torch.Tensor | None = None) -> Zero123Reference:
+        """CLIP embedding and VAE latent of the reference ([H, W, 3] in [0, 1], row 0 on top),
+        composited on white first, as Zero123 expects."""
+        rgb = rgb_hxwx3.to(self.device, torch.float32)
+        if mask_hxwx1 is not None:
+            mask = mask_hxwx1.to(self.device, torch.float32)
+            rgb = rgb * mask + (1.0 - mask)
+        image = rgb.permute(2, 0, 1)[None]
+        # 1. CLIP image embedding.
+        clip_in = F.interpolate(image, (self.clip_size, self.clip_size), mode="bicubic", align_corners=False,
+                                antialias=True)
+        mean = torch.tensor(self.clip_mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.clip_std, device=self.device).view(1, 3, 1, 1)
+        clip_in = ((clip_in.clamp(0.0, 1.0) - mean) / std).to(self.dtype)
+        embeds = self.image_encoder(pixel_values=clip_in).image_embeds[:, None, :]
+        # 2. VAE latent (mode, not scaled).
+        vae_in = to_bchw(rgb[None], self.resolution) * 2.0 - 1.0
+        latents = self.vae.encode(vae_in.to(self.dtype)).latent_dist.mode()
+        return Zero123Reference(image_embeds_1x1xd=embeds, latents_1xcxhxw=latents)
+
+    def encode(self, rgb_bxhxwx3: torch.Tensor) -> torch.Tensor:
+        """x₀: scaled VAE latents (mean of the posterior) of renders [B, H, W, 3] in [0, 1]."""
+        return images_to_x0(rgb_bxhxwx3, self.resolution, self.vae, self.latent_scale, self.dtype)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Inverse of `encode`: [B, H, W, 3] in [0, 1]."""
+        return x0_to_images(x0, self.vae, self.latent_scale, self.dtype)
+
+    def predict_noise(self, x_t: torch.Tensor, t_b: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """ε from the UNet on [x_t ++ reference latent] and cc_projection([image embedding ++ pose]);
+        where `cond.drop_image_b` is set, both are zeros (the unconditional branch)."""
+        reference = cond.reference
+        batch = x_t.shape[0]
+        embeds = reference.image_embeds_1x1xd.expand(batch, -1, -1)
+        pose = cond.pose_bx4.to(self.device, self.dtype)[:, None, :]
+        states = self.cc_projection(torch.cat([embeds, pose], dim=-1))
+        ref_latents = reference.latents_1xcxhxw.expand(batch, -1, -1, -1)
+        if cond.drop_image_b is not None:
+            keep_b = (~cond.drop_image_b.to(self.device)).to(self.dtype)
+            states = states * keep_b.view(-1, 1, 1)
+            ref_latents = ref_latents * keep_b.view(-1, 1, 1, 1)
+        unet_in = torch.cat([x_t.to(self.dtype), ref_latents], dim=1)
+        return self.unet(unet_in, t_b, encoder_hidden_states=states).sample.float()
 
 
 @dataclass
@@ -247,6 +339,10 @@ def load_models(
     for role in roles:
         if role not in ROLES:
             raise ValueError(f"roles: unknown role {role!r}; expected some of {ROLES}")
+    if spec.startswith("oracle:"):  # exact denoisers of a known mesh (backend.guidance.oracle)
+        from backend.guidance.oracle import load_oracle_models
+
+        return load_oracle_models(spec, device, roles)
     located = locate_sources(spec, sources)
     half = dtype == torch.float16
     # 1. Find every role's folder first, so a missing one fails before anything heavy loads.

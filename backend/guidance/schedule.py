@@ -3,7 +3,7 @@
     anneal_t_range(step, total, start=(0.7, 0.85), end=(0.2, 0.5)) -> (t_lo, t_hi)
     HybridConfig                  μ, annealing length and ranges, guidance scales, Perp-Neg
     HybridGuidance(models, embeddings, reference, reference_camera, config)
-        .loss(rgb_bxhxwx3, elevation_deg_b, azimuth_deg_b, distance_b, step, generator)
+        .loss(rgb_bxhxwx3, cameras, step, generator)
             -> (loss, {"sds": ..., "sds_3d": ..., "t_lo": ..., "t_hi": ...})
 
 The timestep range moves linearly from `start` to `end` over `anneal_steps` steps and stays at
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from backend.cameras import Cameras
 from backend.guidance.models import GuidanceModels
 from backend.guidance.sds import PromptEmbeddings, sds_loss
-from backend.guidance.zero123 import Zero123Reference, zero123_pose, zero123_sds_loss
+from backend.guidance.zero123 import zero123_pose, zero123_sds_loss
 
 
 def anneal_t_range(
@@ -66,11 +67,12 @@ class HybridGuidance:
         self,
         models: GuidanceModels,
         embeddings: PromptEmbeddings,
-        reference: Zero123Reference | None,
+        reference: object | None,
         reference_camera: tuple[float, float, float],
         config: HybridConfig,
     ) -> None:
-        """`reference_camera` is (elevation_deg, azimuth_deg, distance) of the reference view."""
+        """`reference` is `models.zero123.encode_reference(...)` of the reference image (None for
+        text-only jobs); `reference_camera` is (elevation_deg, azimuth_deg, distance) of its view."""
         if models.prior2d is None:
             raise ValueError("models: HybridGuidance needs the prior2d role loaded")
         self.models = models
@@ -91,26 +93,26 @@ class HybridGuidance:
     def loss(
         self,
         rgb_bxhxwx3: torch.Tensor,
-        elevation_deg_b: torch.Tensor,
-        azimuth_deg_b: torch.Tensor,
-        distance_b: torch.Tensor,
+        cameras: Cameras,
         step: int,
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The hybrid loss of renders [B, H, W, 3] in [0, 1] and the parts for logging."""
+        """The hybrid loss of renders [B, H, W, 3] in [0, 1] seen from `cameras`, and the parts
+        for logging."""
         config = self.config
         t_range = self.t_range(step)
         # 1. 2D SDS with the text prior.
         loss_2d, _ = sds_loss(
-            self.models.prior2d, rgb_bxhxwx3, self.embeddings, elevation_deg_b, azimuth_deg_b,
-            t_range, config.guidance_scale_2d, generator, perp_neg=config.perp_neg,
+            self.models.prior2d, rgb_bxhxwx3, self.embeddings, cameras, t_range,
+            config.guidance_scale_2d, generator, perp_neg=config.perp_neg,
         )
         parts = {"sds": float(loss_2d.detach()), "t_lo": t_range[0], "t_hi": t_range[1]}
         if not self.uses_zero123:
             return loss_2d, parts
         # 2. Zero123 3D-SDS relative to the reference view.
         z123 = self.models.zero123
-        pose_bx4 = zero123_pose(elevation_deg_b, azimuth_deg_b, distance_b, *self.reference_camera, variant=z123.variant)
+        pose_bx4 = zero123_pose(cameras.elevation_deg_b, cameras.azimuth_deg_b, cameras.distance_b,
+                                *self.reference_camera, variant=z123.variant)
         loss_3d, _ = zero123_sds_loss(
             z123, rgb_bxhxwx3, self.reference, pose_bx4.to(rgb_bxhxwx3.device), t_range, config.guidance_scale_3d, generator
         )

@@ -2,8 +2,11 @@
 
     encode_prompt(prior, prompt, negative="", view_dependent=True) -> PromptEmbeddings
     view_index(elevation_deg_b, azimuth_deg_b) -> [B] long into VIEWS
-    sds_loss(prior, rgb_bxhxwx3, embeddings, elevation_deg_b, azimuth_deg_b, t_range,
-             guidance_scale, generator, perp_neg=False) -> (loss, SDSInfo)
+    sds_loss(prior, rgb_bxhxwx3, embeddings, cameras, t_range, guidance_scale, generator,
+             perp_neg=False) -> (loss, SDSInfo)
+
+`prior` is any 2D `backend.guidance.denoiser.Denoiser` (a diffusers prior or an oracle); it is
+asked for ε through `predict_noise` with the text embeddings and the cameras of the renders.
 
 The maths, with x₀ the latents of the render (or the 64² image for a pixel prior such as IF):
 
@@ -30,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from backend.cameras import Cameras
+from backend.guidance.denoiser import Conditioning, guided_noise
 from backend.guidance.errors import GuidanceInputError
 from backend.guidance.models import Prior2D
 
@@ -102,23 +107,6 @@ def validate_prompt(prompt: object, field: str = "prompt", allow_empty: bool = F
     return prompt
 
 
-@torch.no_grad()
-def _embed_texts(prior: Prior2D, texts: list[str]) -> torch.Tensor:
-    """[N, L, D] last hidden states of the prior's text encoder."""
-    tokens = prior.tokenizer(
-        texts,
-        padding="max_length",
-        max_length=min(prior.tokenizer.model_max_length, MAX_TOKENS),
-        truncation=True,
-        return_tensors="pt",
-    )
-    input_ids = tokens.input_ids.to(prior.device)
-    if prior.kind == "pixel":  # T5 (DeepFloyd IF) is run with its attention mask
-        mask = tokens.attention_mask.to(prior.device)
-        return prior.text_encoder(input_ids, attention_mask=mask)[0]
-    return prior.text_encoder(input_ids)[0]
-
-
 def encode_prompt(prior: Prior2D, prompt: str, negative: str = "", view_dependent: bool = True) -> PromptEmbeddings:
     """Embeddings of the prompt per view and of the negative prompt; cached on the prior."""
     validate_prompt(prompt, "prompt")
@@ -129,7 +117,7 @@ def encode_prompt(prior: Prior2D, prompt: str, negative: str = "", view_dependen
         cache[key] = cache.pop(key)  # most recently used last
         return cache[key]
     texts = [f"{prompt}, {view} view" for view in VIEWS] if view_dependent else [prompt]
-    embedded = _embed_texts(prior, texts + [negative])
+    embedded = prior.embed_texts(texts + [negative], MAX_TOKENS)
     cache[key] = PromptEmbeddings(prompt, negative, embedded[:-1], embedded[-1:])
     while len(cache) > PROMPT_CACHE_SIZE:
         cache.pop(next(iter(cache)))
@@ -178,42 +166,6 @@ def target_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x0, target, reduction="sum") / x0.shape[0]
 
 
-def to_bchw(rgb_bxhxwx3: torch.Tensor, size: int) -> torch.Tensor:
-    """[B, H, W, 3] in [0, 1] -> [B, 3, size, size] in [0, 1] (bilinear)."""
-    if rgb_bxhxwx3.ndim != 4 or rgb_bxhxwx3.shape[-1] != 3:
-        raise ValueError(f"rgb_bxhxwx3: expected [B, H, W, 3], got {tuple(rgb_bxhxwx3.shape)}")
-    image = rgb_bxhxwx3.permute(0, 3, 1, 2)
-    if image.shape[-2:] != (size, size):
-        image = F.interpolate(image, (size, size), mode="bilinear", align_corners=False)
-    return image
-
-
-def encode_images(prior: Prior2D, rgb_bxhxwx3: torch.Tensor) -> torch.Tensor:
-    """x₀ for the prior: scaled VAE latents (mean of the posterior) or the [−1, 1] image (pixel kind)."""
-    image = to_bchw(rgb_bxhxwx3, prior.resolution) * 2.0 - 1.0
-    if prior.kind == "pixel":
-        return image.float()
-    latents = prior.vae.encode(image.to(prior.dtype)).latent_dist.mean
-    return latents.float() * prior.latent_scale
-
-
-def decode_images(prior: Prior2D, x0: torch.Tensor) -> torch.Tensor:
-    """Inverse of encode_images: [B, H, W, 3] in [0, 1]."""
-    if prior.kind == "latent":
-        x0 = prior.vae.decode((x0 / prior.latent_scale).to(prior.dtype)).sample
-    return ((x0.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
-
-
-def predict_noise(prior: Prior2D, x_t: torch.Tensor, t_b: torch.Tensor, states_bxlxd: torch.Tensor) -> torch.Tensor:
-    """ε predicted by the prior's UNet (float32), whatever it was trained to predict."""
-    out = prior.unet(x_t.to(prior.dtype), t_b, encoder_hidden_states=states_bxlxd.to(prior.dtype)).sample
-    out = out[:, : x_t.shape[1]].float()  # IF predicts a variance too
-    if prior.scheduler.config.prediction_type == "v_prediction":
-        alpha_bar = prior.alphas_cumprod_t[t_b].view(-1, 1, 1, 1)
-        out = alpha_bar.sqrt() * out + (1.0 - alpha_bar).sqrt() * x_t.float()
-    return out
-
-
 # ----------------------------------------------------------------------------- SDS
 
 
@@ -221,24 +173,22 @@ def sds_loss(
     prior: Prior2D,
     rgb_bxhxwx3: torch.Tensor,
     embeddings: PromptEmbeddings,
-    elevation_deg_b: torch.Tensor,
-    azimuth_deg_b: torch.Tensor,
+    cameras: Cameras,
     t_range: tuple[float, float],
     guidance_scale: float,
     generator: torch.Generator,
     perp_neg: bool = False,
 ) -> tuple[torch.Tensor, SDSInfo]:
-    """SDS loss of renders [B, H, W, 3] in [0, 1] under the 2D prior (see the module docstring)."""
-    x0 = encode_images(prior, rgb_bxhxwx3)
-    return sds_loss_on(prior, x0, embeddings, elevation_deg_b, azimuth_deg_b, t_range, guidance_scale, generator, perp_neg)
+    """SDS loss of renders [B, H, W, 3] in [0, 1] seen from `cameras` (module docstring)."""
+    x0 = prior.encode(rgb_bxhxwx3)
+    return sds_loss_on(prior, x0, embeddings, cameras, t_range, guidance_scale, generator, perp_neg)
 
 
 def sds_loss_on(
     prior: Prior2D,
     x0: torch.Tensor,
     embeddings: PromptEmbeddings,
-    elevation_deg_b: torch.Tensor,
-    azimuth_deg_b: torch.Tensor,
+    cameras: Cameras,
     t_range: tuple[float, float],
     guidance_scale: float,
     generator: torch.Generator,
@@ -253,14 +203,12 @@ def sds_loss_on(
         x_t = add_noise(x0.detach().float(), noise, prior.alphas_cumprod_t, t_b)
         # 2. Guided noise prediction.
         if perp_neg:
-            eps_hat = _perp_neg_noise(prior, x_t, t_b, embeddings, azimuth_deg_b, guidance_scale)
+            eps_hat = _perp_neg_noise(prior, x_t, t_b, embeddings, cameras, guidance_scale)
         else:
-            cond = embeddings.cond_for(view_index(elevation_deg_b, azimuth_deg_b))
-            uncond = embeddings.uncond_1xlxd.expand(batch, -1, -1)
-            eps_u, eps_c = predict_noise(
-                prior, torch.cat([x_t, x_t]), torch.cat([t_b, t_b]), torch.cat([uncond, cond])
-            ).chunk(2)
-            eps_hat = eps_u + guidance_scale * (eps_c - eps_u)
+            view_b = view_index(cameras.elevation_deg_b, cameras.azimuth_deg_b)
+            cond = Conditioning(text_bxlxd=embeddings.cond_for(view_b), cameras=cameras)
+            uncond = Conditioning(text_bxlxd=embeddings.uncond_1xlxd.expand(batch, -1, -1), cameras=cameras)
+            eps_hat = guided_noise(prior, x_t, t_b, cond, uncond, guidance_scale)
         # 3. Weighted residual.
         w_b = (1.0 - prior.alphas_cumprod_t[t_b]).view(-1, 1, 1, 1)
         grad = torch.nan_to_num(w_b * (eps_hat - noise))
@@ -309,15 +257,16 @@ def _perp_neg_noise(
     x_t: torch.Tensor,
     t_b: torch.Tensor,
     embeddings: PromptEmbeddings,
-    azimuth_deg_b: torch.Tensor,
+    cameras: Cameras,
     guidance_scale: float,
 ) -> torch.Tensor:
     """ε̂ = ε_u + s·(Δ_pos + Σ_k w_k·perp(Δ_k, Δ_pos)), Δ = ε(prompt) − ε_u."""
     batch = x_t.shape[0]
-    positive, negatives, weights = perp_neg_views(azimuth_deg_b, embeddings)
+    positive, negatives, weights = perp_neg_views(cameras.azimuth_deg_b, embeddings)
     uncond = embeddings.uncond_1xlxd.expand(batch, -1, -1)
     states = torch.cat([uncond, positive, negatives[:, 0], negatives[:, 1]])
-    eps = predict_noise(prior, x_t.repeat(4, 1, 1, 1), t_b.repeat(4), states)
+    cond = Conditioning(text_bxlxd=states, cameras=Cameras.cat([cameras] * 4))
+    eps = prior.predict_noise(x_t.repeat(4, 1, 1, 1), t_b.repeat(4), cond)
     eps_u, eps_pos, eps_n0, eps_n1 = eps.chunk(4)
     delta_pos = eps_pos - eps_u
     accumulated = torch.zeros_like(delta_pos)

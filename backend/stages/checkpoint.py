@@ -183,7 +183,9 @@ class BSDState:
         self.bsd = bsd
 
     def _adapters(self) -> dict[str, str]:
-        return {"dreambooth": self.bsd.dreambooth, "vsd": self.bsd.vsd}
+        """Role -> adapter name; none for a prior without weights to adapt (an oracle)."""
+        names = {"dreambooth": self.bsd.dreambooth, "vsd": self.bsd.vsd}
+        return {role: name for role, name in names.items() if name in self.bsd.optimizers}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}

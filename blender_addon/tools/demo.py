@@ -1,9 +1,12 @@
 """The headless demo behind `python build.py demo` (not part of the extension zip).
 
 1. Renders a sample reference image: the shared `spot` cow from the reference view (front),
-   transparent background, so its alpha is the object mask.
+   transparent background, so its alpha is the object mask; with `--models oracle` (the default)
+   it also exports that cow, as placed, to out/oracle/spot.obj.
 2. Installs the extension from the zip into the bpy module (a private user-resources folder).
-3. Sets the add-on to LOCAL: it starts `python -m backend serve --models tiny` itself.
+3. Sets the add-on to LOCAL: a local `python -m backend serve` on the oracle models of that cow
+   (`--models oracle:out/oracle/spot.obj,spot_texture.png`: exact denoisers of its renders, so the
+   pipeline makes a real cow without any weights), the tiny random models, or the real ones.
 4. Generates from the prompt and image, pumping events (timers never run in the bpy module).
 5. Writes out/demo.blend, out/demo.glb and a Cycles render out/demo.png, then stops the backend.
 """
@@ -11,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shutil
@@ -23,6 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO / ".." / "shared"
 MODULE = "bl_ext.user_default.dreamloom"
 DEFAULT_PROMPT = "a black and white cow, standing, photorealistic"
+ORACLE_STEPS = "coarse=300,geometry=60,texture=30"
+"""Steps of the oracle demo at the draft preset when no --steps are given."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,7 +36,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--zip", type=Path, required=True, help="the extension zip (build.py addon)")
     parser.add_argument("--out", type=Path, default=REPO / "out", help="output folder")
     parser.add_argument("--python", default=sys.executable, help="Python of the backend's environment")
-    parser.add_argument("--models", choices=("tiny", "default"), default="tiny", help="backend model set")
+    parser.add_argument("--models", choices=("oracle", "tiny", "default"), default="oracle",
+                        help="backend models: oracle (of the spot cow; a real result without weights), "
+                             "tiny (random) or default (the real models, GPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--steps", default="", help='e.g. "coarse=20,geometry=10,texture=10" (default: tiny preset)')
@@ -89,8 +97,9 @@ def setup_render(bpy, size: int, samples: int, transparent: bool) -> None:
     world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.8, 0.82, 0.85, 1.0)
 
 
-def render_reference(bpy, path: Path) -> None:
-    """Spot, normalised to the unit box, rendered from the reference view (elevation 0, azimuth 0)."""
+def render_reference(bpy, path: Path, export_obj: Path | None) -> None:
+    """Spot, normalised to the unit box, rendered from the reference view (elevation 0, azimuth 0);
+    exported as placed (world space, Y-up OBJ) to `export_obj` when given."""
     bpy.ops.wm.obj_import(filepath=str(SHARED / "meshes" / "spot.obj"))  # Y-up file to Z-up
     spot = bpy.context.selected_objects[0]
     spot.rotation_euler.z += math.pi  # spot's file faces -Z; the scene's objects face -Y
@@ -115,6 +124,12 @@ def render_reference(bpy, path: Path) -> None:
     setup_render(bpy, 256, 16, transparent=True)
     bpy.context.scene.render.filepath = str(path)
     bpy.ops.render.render(write_still=True)
+    if export_obj is not None:
+        export_obj.parent.mkdir(parents=True, exist_ok=True)
+        bpy.ops.object.select_all(action="DESELECT")
+        spot.select_set(True)
+        bpy.ops.wm.obj_export(filepath=str(export_obj), export_selected_objects=True, export_materials=False,
+                              export_triangulated_mesh=True, export_uv=True, export_normals=False)
     bpy.data.objects.remove(spot)
     bpy.data.objects.remove(camera)
 
@@ -149,8 +164,12 @@ def main(argv: list[str]) -> int:
 
     # 1. The sample reference image.
     reference = out / "demo_reference.png"
-    render_reference(bpy, reference)
+    oracle_obj = out / "oracle" / "spot.obj" if args.models == "oracle" else None
+    render_reference(bpy, reference, oracle_obj)
     say(f"rendered the sample reference image {reference} (spot, front view, alpha = mask)")
+    models = args.models
+    if oracle_obj is not None:
+        models = f"oracle:{oracle_obj},{(SHARED / 'meshes' / 'spot_texture.png').resolve()}"
 
     # 2. The extension, from its zip.
     bpy.ops.extensions.package_install_files(filepath=str(args.zip), repo="user_default", enable_on_install=True)
@@ -164,9 +183,14 @@ def main(argv: list[str]) -> int:
     prefs.backend_python = args.python
     prefs.backend_project_dir = str(REPO)
     prefs.backend_store_dir = str(out / "store")
-    prefs.backend_models = args.models
+    prefs.backend_models = "default" if args.models == "oracle" else args.models
     prefs.backend_device = device
-    say(f"starting the backend (--models {args.models} --device {device}) at {prefs.backend_address}")
+    say(f"starting the backend (--models {models} --device {device}) at {prefs.backend_address}")
+    if args.models == "oracle":  # the preference offers default and tiny: start it with the oracle spec
+        runtime = sys.modules[f"{MODULE}.runtime"]
+        runtime.STATE.local = runtime.LocalBackend(dataclasses.replace(prefs.local_backend(), models=models),
+                                                   out / "backend.log")
+        runtime.STATE.local.start()
 
     # 4. Generate and follow the job.
     try:
@@ -174,7 +198,11 @@ def main(argv: list[str]) -> int:
         settings.prompt = args.prompt
         settings.image_path = str(reference)
         settings.texture_size = "512"
-        bpy.ops.dreamloom.generate(steps=args.steps)
+        steps = args.steps
+        if args.models == "oracle":
+            settings.quality = "draft"
+            steps = steps or ORACLE_STEPS
+        bpy.ops.dreamloom.generate(steps=steps)
         deadline = time.monotonic() + args.timeout
         last = ""
         while time.monotonic() < deadline:
@@ -205,6 +233,9 @@ def main(argv: list[str]) -> int:
         say(f"imported '{obj.name}': {len(obj.data.vertices)} vertices, {len(obj.data.polygons)} faces, "
             f"material {obj.active_material.name if obj.active_material else None}")
         say(f"wrote {out / 'demo.blend'}, {out / 'demo.glb'} and the render {out / 'demo.png'}")
+        if args.models == "oracle":
+            say("the oracle models know the spot mesh (they are exact denoisers of its renders): the "
+                "cow shows the pipeline works; real prompts need `--models default` and the weights")
         if args.models == "tiny":
             say("the tiny models are random: they exercise every step but give no meaningful shape; "
                 "run `python build.py demo --models default` on a GPU box with the weights for a real one")

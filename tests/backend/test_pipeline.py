@@ -289,7 +289,6 @@ def test_generate_with_an_image_on_cuda_ends_textured(tmp_path: Path) -> None:
 def test_zero123_encodes_the_reference_at_its_own_size_and_the_losses_at_the_render_size(
         tmp_path: Path, runner) -> None:
     from backend.guidance.reference import prepare_reference
-    from backend.guidance.zero123 import encode_reference
 
     image = reference_png(tmp_path / "ref.png", size=128).read_bytes()
     ctx = _context(tmp_path / "out", "generate", {"prompt": "a red ball"}, {"image": image})
@@ -302,7 +301,7 @@ def test_zero123_encodes_the_reference_at_its_own_size_and_the_losses_at_the_ren
     # from a render-size reference.
     assert tuple(job.reference.rgb_hxwx3.shape) == (z123.resolution, z123.resolution, 3)
     at_z123_size = prepare_reference(image, size=z123.resolution, models=runner.guidance)
-    expected = encode_reference(z123, at_z123_size.rgb_hxwx3, at_z123_size.mask_hxwx1)
+    expected = z123.encode_reference(at_z123_size.rgb_hxwx3, at_z123_size.mask_hxwx1)
     encoded = job._zero123_reference()
     torch.testing.assert_close(encoded.latents_1xcxhxw, expected.latents_1xcxhxw)
     torch.testing.assert_close(encoded.image_embeds_1x1xd, expected.image_embeds_1x1xd)

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from backend.cameras import Cameras
 from backend.guidance.bsd import BSD, BSDConfig, angles_from_c2w
 from backend.guidance.sds import encode_prompt, view_index
 
 
-def _c2w(elevation_deg: list[float], azimuth_deg: list[float], distance: float = 3.8) -> torch.Tensor:
-    """Cameras at (d·cos e·sin a, −d·cos e·cos a, d·sin e) (only the position matters here)."""
-    c2w = torch.eye(4).repeat(len(elevation_deg), 1, 1)
-    for i, (e, a) in enumerate(zip(elevation_deg, azimuth_deg)):
-        e, a = math.radians(e), math.radians(a)
-        c2w[i, :3, 3] = torch.tensor([distance * math.cos(e) * math.sin(a), -distance * math.cos(e) * math.cos(a),
-                                      distance * math.sin(e)])
-    return c2w
+def _cameras(elevation_deg: list[float], azimuth_deg: list[float], distance: float = 3.8) -> Cameras:
+    full = torch.ones(len(elevation_deg))
+    return Cameras.from_orbit(torch.tensor(elevation_deg), torch.tensor(azimuth_deg), distance * full, 20.0 * full,
+                              32, 32)
 
 
 def _config(**overrides) -> BSDConfig:
@@ -28,7 +23,7 @@ def _config(**overrides) -> BSDConfig:
 
 
 def test_angles_from_c2w():
-    elevation, azimuth = angles_from_c2w(_c2w([10.0, -20.0, 0.0], [0.0, 90.0, -150.0]))
+    elevation, azimuth = angles_from_c2w(_cameras([10.0, -20.0, 0.0], [0.0, 90.0, -150.0]).c2w_bx4x4)
     assert elevation.tolist() == pytest.approx([10.0, -20.0, 0.0], abs=1e-4)
     assert azimuth.tolist() == pytest.approx([0.0, 90.0, -150.0], abs=1e-4)
 
@@ -44,9 +39,9 @@ def test_fresh_bsd_gradient_is_cfg_minus_conditional(tiny_models):
     embeddings = encode_prompt(prior, "a cow")
     bsd = BSD(prior, embeddings, _config(guidance_scale=6.0), torch.Generator().manual_seed(4))
     try:
-        c2w = _c2w([5.0, 15.0], [170.0, 20.0])
+        cameras = _cameras([5.0, 15.0], [170.0, 20.0])
         x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
-        loss, info = bsd.texture_loss_on(x0, c2w, (0.1, 0.9))
+        loss, info = bsd.texture_loss_on(x0, cameras, (0.1, 0.9))
         loss.backward()
     finally:
         bsd.close()
@@ -58,7 +53,7 @@ def test_fresh_bsd_gradient_is_cfg_minus_conditional(tiny_models):
     w = (1 - prior.scheduler.alphas_cumprod[t]).view(-1, 1, 1, 1)
     expected = w * (eps_u + 6.0 * (eps_c - eps_u) - eps_c) / 2
     assert torch.allclose(x0.grad, expected, atol=1e-5, rtol=1e-4)
-    assert view_index(*angles_from_c2w(c2w)).tolist() == [2, 0]
+    assert view_index(*angles_from_c2w(cameras.c2w_bx4x4)).tolist() == [2, 0]
 
 
 def test_bsd_step_trains_both_loras_and_reaches_the_render(tiny_models):
@@ -74,7 +69,7 @@ def test_bsd_step_trains_both_loras_and_reaches_the_render(tiny_models):
         lora_before = {name: [p.detach().clone() for p in bsd.lora_parameters(name)] for name in (bsd.dreambooth, bsd.vsd)}
         assert all(len(params) > 0 for params in lora_before.values())
         rgb = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
-        loss, parts = bsd.step(rgb, _c2w([0.0, 30.0], [0.0, 100.0]), step=0, total=10)
+        loss, parts = bsd.step(rgb, _cameras([0.0, 30.0], [0.0, 100.0]), step=0, total=10)
         loss.backward()
         assert rgb.grad is not None and torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
         assert set(parts) >= {"dreambooth", "restore_t", "vsd_lora", "bsd"} and parts["restore_t"] == pytest.approx(0.5)
@@ -84,7 +79,7 @@ def test_bsd_step_trains_both_loras_and_reaches_the_render(tiny_models):
         # Outside BSD's own calls the shared UNet is the base model.
         assert torch.allclose(_unet_out(prior, x, t, states), before, atol=1e-6)
         # Step 1 is not a DreamBooth step (finetune_every=2).
-        _, parts = bsd.step(rgb.detach(), _c2w([0.0, 30.0], [0.0, 100.0]), step=1, total=10)
+        _, parts = bsd.step(rgb.detach(), _cameras([0.0, 30.0], [0.0, 100.0]), step=1, total=10)
         assert "dreambooth" not in parts
     finally:
         bsd.close()
@@ -101,7 +96,7 @@ def test_restore_anneals_t_prime(tiny_models):
         assert bsd.restore_t(0, 100) == pytest.approx(0.5)
         assert bsd.restore_t(50, 100) == pytest.approx(0.3)
         assert bsd.restore_t(500, 100) == pytest.approx(0.1)
-        restored = bsd.restore(torch.rand(1, 32, 32, 3), _c2w([0.0], [0.0]), 0.3)
+        restored = bsd.restore(torch.rand(1, 32, 32, 3), _cameras([0.0], [0.0]), 0.3)
         assert restored.shape == (1, 32, 32, 3) and 0.0 <= float(restored.min()) and float(restored.max()) <= 1.0
     finally:
         bsd.close()

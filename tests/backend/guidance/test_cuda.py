@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backend.cameras import Cameras
 from backend.guidance.models import load_models
 from backend.guidance.sds import encode_prompt, sds_loss_on
 
@@ -26,10 +27,11 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_half_precision_sds_matches_the_cpu(cuda_models, tiny_models):
     assert cuda_models.dtype == torch.float16
     x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    elevation, azimuth = torch.tensor([0.0, 20.0]), torch.tensor([10.0, 150.0])
+    cameras = Cameras.from_orbit(torch.tensor([0.0, 20.0]), torch.tensor([10.0, 150.0]), torch.full((2,), 3.8),
+                                 torch.full((2,), 20.0), 32, 32)
     gpu_x0 = x0.cuda().requires_grad_(True)
     loss, info = sds_loss_on(cuda_models.prior2d, gpu_x0, encode_prompt(cuda_models.prior2d, "a cow"),
-                             elevation.cuda(), azimuth.cuda(), (0.2, 0.9), 7.5,
+                             cameras.to("cuda"), (0.2, 0.9), 7.5,
                              torch.Generator("cuda").manual_seed(0))
     loss.backward()
     # The CPU float32 model with the same t and ε.
@@ -57,9 +59,9 @@ def test_half_precision_bsd_step_trains_float32_loras(cuda_models):
         assert all(p.dtype == torch.float32 for p in params)
         before = [p.detach().clone() for p in params]
         rgb = torch.rand(1, 32, 32, 3, device="cuda", requires_grad=True)
-        c2w = torch.eye(4, device="cuda")[None].clone()
-        c2w[0, 1, 3] = -3.8
-        loss, _ = bsd.step(rgb, c2w, step=0, total=10)
+        cameras = Cameras.from_orbit(torch.zeros(1), torch.zeros(1), torch.full((1,), 3.8), torch.full((1,), 20.0),
+                                     32, 32).to("cuda")
+        loss, _ = bsd.step(rgb, cameras, step=0, total=10)
         loss.backward()
         assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
         assert any(not torch.equal(a, b) for a, b in zip(before, bsd.lora_parameters(bsd.vsd)))

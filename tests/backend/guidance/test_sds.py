@@ -7,18 +7,23 @@ import math
 import pytest
 import torch
 
+from backend.cameras import Cameras
 from backend.guidance.errors import GuidanceInputError
 from backend.guidance.sds import (
     PROMPT_CACHE_SIZE,
     VIEWS,
     _perp_component,
-    encode_images,
     encode_prompt,
     perp_neg_views,
     sds_loss,
     sds_loss_on,
     view_index,
 )
+
+
+def _cameras(elevation_deg: list[float], azimuth_deg: list[float]) -> Cameras:
+    full = torch.ones(len(elevation_deg))
+    return Cameras.from_orbit(torch.tensor(elevation_deg), torch.tensor(azimuth_deg), 3.8 * full, 20.0 * full, 32, 32)
 
 
 def _renders(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -35,10 +40,9 @@ def test_view_index_by_angle():
 def test_sds_gradient_equals_the_formula(tiny_models):
     prior = tiny_models.prior2d
     embeddings = encode_prompt(prior, "a cow", negative="blurry")
-    x0 = encode_images(prior, _renders(2)).detach().requires_grad_(True)
-    elevation, azimuth = torch.tensor([0.0, 10.0]), torch.tensor([0.0, 180.0])
+    x0 = prior.encode(_renders(2)).detach().requires_grad_(True)
     scale, seed = 7.5, 1234
-    loss, info = sds_loss_on(prior, x0, embeddings, elevation, azimuth, (0.2, 0.98), scale,
+    loss, info = sds_loss_on(prior, x0, embeddings, _cameras([0.0, 10.0], [0.0, 180.0]), (0.2, 0.98), scale,
                              torch.Generator().manual_seed(seed))
     loss.backward()
 
@@ -65,7 +69,7 @@ def test_sds_loss_gives_a_gradient_on_the_renders(tiny_models):
     prior = tiny_models.prior2d
     embeddings = encode_prompt(prior, "a cow")
     rgb = _renders(2, size=24).requires_grad_(True)  # resized to the prior's 32 px inside
-    loss, info = sds_loss(prior, rgb, embeddings, torch.zeros(2), torch.zeros(2), (0.02, 0.98), 100.0,
+    loss, info = sds_loss(prior, rgb, embeddings, _cameras([0.0, 0.0], [0.0, 0.0]), (0.02, 0.98), 100.0,
                           torch.Generator().manual_seed(0))
     loss.backward()
     assert rgb.grad is not None and torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
@@ -112,7 +116,7 @@ def test_perp_neg_sds_runs(tiny_models):
     prior = tiny_models.prior2d
     embeddings = encode_prompt(prior, "a cow")
     rgb = _renders(2).requires_grad_(True)
-    loss, _ = sds_loss(prior, rgb, embeddings, torch.zeros(2), torch.tensor([30.0, 120.0]), (0.2, 0.9), 20.0,
+    loss, _ = sds_loss(prior, rgb, embeddings, _cameras([0.0, 0.0], [30.0, 120.0]), (0.2, 0.9), 20.0,
                        torch.Generator().manual_seed(3), perp_neg=True)
     loss.backward()
     assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
@@ -121,7 +125,7 @@ def test_perp_neg_sds_runs(tiny_models):
 def test_bad_t_range_is_refused(tiny_models):
     prior = tiny_models.prior2d
     with pytest.raises(ValueError, match="t_range"):
-        sds_loss(prior, _renders(1), encode_prompt(prior, "a cow"), torch.zeros(1), torch.zeros(1), (0.9, 0.2), 7.5,
+        sds_loss(prior, _renders(1), encode_prompt(prior, "a cow"), _cameras([0.0], [0.0]), (0.9, 0.2), 7.5,
                  torch.Generator())
 
 
@@ -138,10 +142,10 @@ def test_pixel_prior_if_layout(tmp_path):
     assert type(prior.text_encoder).__name__ == "T5EncoderModel"
     embeddings = encode_prompt(prior, "a cow")
     rgb = _renders(1).requires_grad_(True)
-    x0 = encode_images(prior, rgb)
+    x0 = prior.encode(rgb)
     assert torch.allclose(x0, rgb.permute(0, 3, 1, 2) * 2 - 1)
     leaf = x0.detach().requires_grad_(True)
-    loss, info = sds_loss_on(prior, leaf, embeddings, torch.zeros(1), torch.zeros(1), (0.2, 0.9), 10.0,
+    loss, info = sds_loss_on(prior, leaf, embeddings, _cameras([0.0], [0.0]), (0.2, 0.9), 10.0,
                              torch.Generator().manual_seed(0))
     loss.backward()
     with torch.no_grad():

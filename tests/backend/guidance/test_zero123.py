@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from backend.guidance.zero123 import encode_reference, zero123_pose, zero123_sds_loss, zero123_sds_on
+from backend.guidance.zero123 import zero123_pose, zero123_sds_loss, zero123_sds_on
 
 
 def test_zero123_pose_by_hand():
@@ -31,13 +31,13 @@ def _reference(z123):
     rgb = torch.rand(40, 40, 3, generator=torch.Generator().manual_seed(5))
     mask = torch.zeros(40, 40, 1)
     mask[8:32, 10:30] = 1.0
-    return encode_reference(z123, rgb, mask), rgb, mask
+    return z123.encode_reference(rgb, mask), rgb, mask
 
 
 def test_reference_is_composited_on_white(tiny_models):
     z123 = tiny_models.zero123
     reference, rgb, mask = _reference(z123)
-    white = encode_reference(z123, rgb * mask + (1 - mask))
+    white = z123.encode_reference(rgb * mask + (1 - mask))
     assert torch.allclose(reference.latents_1xcxhxw, white.latents_1xcxhxw, atol=1e-6)
     assert reference.image_embeds_1x1xd.shape == (1, 1, 32)
     assert reference.latents_1xcxhxw.shape == (1, 4, 16, 16)
