@@ -113,10 +113,10 @@ def test_zero123_layouts_load_their_projection_from_the_file(repos, repo):
 
 @pytest.mark.parametrize("repo", [Z123, STABLE, KXIC])
 def test_an_sds_step_runs_on_each_zero123_layout(repos, repo):
-    from backend.guidance.zero123 import encode_reference, zero123_pose, zero123_sds_loss
+    from backend.guidance.zero123 import zero123_pose, zero123_sds_loss
 
     z123 = _load("zero123", str(repos[repo]), str(repos[SD])).zero123
-    reference = encode_reference(z123, torch.rand(32, 32, 3))
+    reference = z123.encode_reference(torch.rand(32, 32, 3))
     rgb = torch.rand(1, 32, 32, 3, requires_grad=True)
     pose = zero123_pose(torch.tensor([10.0]), torch.tensor([30.0]), torch.tensor([3.8]), 0.0, 0.0, 3.8, z123.variant)
     loss, info = zero123_sds_loss(z123, rgb, reference, pose, (0.2, 0.5), 5.0, torch.Generator().manual_seed(0))
@@ -126,13 +126,15 @@ def test_an_sds_step_runs_on_each_zero123_layout(repos, repo):
 
 @pytest.mark.parametrize("repo", [SD, IF])
 def test_an_sds_step_runs_on_each_prior_layout(repos, repo):
+    from backend.cameras import Cameras
     from backend.guidance.sds import encode_prompt, sds_loss
 
     prior = _load("prior2d", str(repos[repo]), str(repos[repo])).prior2d
     assert prior.kind == ("pixel" if repo == IF else "latent")
     embeddings = encode_prompt(prior, "a red chair")
     rgb = torch.rand(1, 32, 32, 3, requires_grad=True)
-    loss, _ = sds_loss(prior, rgb, embeddings, torch.tensor([0.0]), torch.tensor([0.0]), (0.2, 0.5), 7.5,
+    cameras = Cameras.from_orbit(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([3.8]), torch.tensor([20.0]), 32, 32)
+    loss, _ = sds_loss(prior, rgb, embeddings, cameras, (0.2, 0.5), 7.5,
                        torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and float(rgb.grad.abs().sum()) > 0
