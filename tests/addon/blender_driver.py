@@ -445,10 +445,11 @@ def pump_for(seconds: float) -> None:
 
 def scenario_backend_restart(args) -> dict:
     """The backend is killed mid-job and restarted on the same store; nobody clicks anything."""
-    from tests.backend.mesh_runner import start_server_process
+    from tests.backend.child_server import start_server_process
 
     install(args.zip)
-    server = start_server_process(args.save / "store", args.save / "server1.log", "--step-delay", "0.05")
+    server = start_server_process(args.save / "store", args.save / "server1.log", "--step-delay", "0.05",
+                                  python=args.backend_python)
     use_backend(server.address)
     item, obj = first_mesh(args)
     pump_until(lambda: scene_job().last_seq >= 5, args.timeout)
@@ -457,7 +458,7 @@ def scenario_backend_restart(args) -> dict:
     pump_until(lambda: "unreachable" in scene_job().note, args.timeout)
     noticed_s, note = time.monotonic() - killed_at, scene_job().note
     restarted = start_server_process(args.save / "store", args.save / "server2.log", "--step-delay", "0.05",
-                                     bind=server.address)
+                                     bind=server.address, python=args.backend_python)
     try:
         pump_until(job_finished, args.timeout)
         objects = objects_of_job(item.job_id)
@@ -635,7 +636,7 @@ def scenario_first_run(args) -> dict:
         bpy.ops.dreamloom.generate(prompt="a cow")
     except RuntimeError as exc:
         result["no_project"] = {"message": str(exc), "field": bpy.context.scene.dreamloom.last_error_field}
-    use_local_backend(args.local_store)
+    use_local_backend(args.local_store, args.backend_python)
     prefs.backend_device = "cuda"
     bpy.ops.dreamloom.generate(prompt="a cow")
     pump_until(lambda: bpy.context.scene.dreamloom.last_error, args.timeout)

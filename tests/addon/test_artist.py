@@ -7,6 +7,7 @@ Each test runs one scenario of tests/addon/blender_driver.py in its own process.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from tests.addon.test_blender import SHARED, blender, mesh_server  # noqa: F401 (fixtures)
@@ -19,7 +20,7 @@ SHORT = "coarse=3,geometry=2,texture=2"
 
 def test_backend_killed_and_restarted_is_caught_up_without_a_click(addon_zip: Path, tmp_path: Path):
     result = blender("backend_restart", addon_zip, tmp_path, "--save", str(tmp_path), "--steps", "coarse=120",
-                     "--timeout", "90", timeout_s=180)
+                     "--backend-python", sys.executable, "--timeout", "90", timeout_s=180)
     assert "backend unreachable, retrying" in result["note"]
     assert result["noticed_s"] < 15  # a few heartbeats (2 s each, 3 missed)
     assert result["job_state"] == "done" and result["objects"] == 1
@@ -91,7 +92,7 @@ def test_reference_images_of_every_kind_go_as_png(addon_zip: Path, tmp_path: Pat
 
 def test_first_run_errors_name_the_real_cause(addon_zip: Path, tmp_path: Path):
     result = blender("first_run", addon_zip, tmp_path, "--local-store", str(tmp_path / "store"), "--timeout", "120",
-                     timeout_s=180)
+                     "--backend-python", sys.executable, timeout_s=180)
     assert result["no_project"]["field"] == "backend_project_dir" and "Project Folder" in result["no_project"]["message"]
     no_cuda = result["no_cuda"]
     assert no_cuda["field"] == "backend_device" and "no CUDA GPU" in no_cuda["message"]

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import msgpack
 import numpy as np
 
 from backend.jobs import JobContext, JobFailed
+from tests.backend.child_server import ServerProcess, start_server_process  # noqa: F401 (the harness)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MESHES_DIR = REPO_ROOT / ".." / "shared" / "meshes"
@@ -147,51 +146,6 @@ class MeshRunner:
 
 
 # The harness the server tests share ------------------------------------------------------------
-
-
-@dataclass
-class ServerProcess:
-    """A server in a child process (`python -m tests.backend.mesh_runner ...`)."""
-
-    process: subprocess.Popen
-    """The child."""
-    address: str
-    """The address it bound (read from its log)."""
-    log_path: Path
-    """Its stderr."""
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-
-
-def start_server_process(
-    store: Path, log_path: Path, *extra: str, bind: str = "tcp://127.0.0.1:*", timeout_s: float = 20.0,
-    preexec_fn: Callable[[], None] | None = None,
-) -> ServerProcess:
-    """Start the mesh-runner server in a child process; wait until it logs its address.
-    Give each start its own `log_path`; `preexec_fn` runs in the child before it starts (limits)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.backend.mesh_runner", "--bind", bind, "--store", str(store), *extra],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
-        )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace")
-        found = re.findall(r"listening on (\S+)", text)
-        if found:
-            return ServerProcess(process, found[-1], log_path)
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}:\n{text}")
-        time.sleep(0.05)
-    process.kill()
-    raise TimeoutError(f"the server did not start within {timeout_s} s:\n{log_path.read_text()}")
 
 
 class ServerThread:
