@@ -169,6 +169,7 @@ class Distiller:
             config = BSDConfig(lora_rank=self.config.vsd_lora_rank, vsd_lr=self.config.vsd_lr,
                                guidance_scale=self.config.vsd_guidance_scale, bootstrap=False)
             self.vsd = BSD(self.prior, self.embeddings, config, generator)
+        self.vsd.generator = generator  # this call's draws, as for the other methods
         # 1. The gradient against the LoRA's score of the renders as they were, 2. its update.
         loss, info = self.vsd.texture_loss_on(x0, cameras, t_range)
         if self.vsd.trainable:
