@@ -1,4 +1,4 @@
-"""`python -m backend serve|generate|refine`.
+"""`python -m backend serve|generate|refine|models|store check`.
 
 Each subcommand lives in a module that has `add_subcommands(subparsers)`: it adds its parsers and
 sets `handler=` (a function `args -> exit code`) on each with `set_defaults`. `serve` is
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("backend.cli_generate",)
-"""Modules whose `add_subcommands(subparsers)` registers more subcommands (generate, refine)."""
+SUBCOMMAND_MODULES: tuple[str, ...] = ("backend.cli_generate", "backend.cli_models", "backend.store_check")
+"""Modules whose `add_subcommands(subparsers)` registers more subcommands (generate, refine, models, store)."""
 
 EXIT_CONFIG = 2
 """Exit status for settings the server cannot start with."""
@@ -30,7 +31,10 @@ def default_store_dir() -> Path:
 
 def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
     """Register `serve`."""
-    from backend.server import DEFAULT_BIND, DEFAULT_MAX_QUEUE
+    from backend.server import (
+        DEFAULT_BIND, DEFAULT_KEEP_DAYS, DEFAULT_MAX_BYTES_PER_KEY, DEFAULT_MAX_JOBS_PER_KEY, DEFAULT_MAX_QUEUE,
+    )
+    from protocol.transport import DEFAULT_MAX_CONNECTIONS
 
     serve = subparsers.add_parser(
         "serve",
@@ -48,6 +52,14 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
                        help="model set the pipeline loads: default, tiny, a folder or oracle:MESH[,TEXTURE] (default: default)")
     serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                        help=f"most waiting jobs; more get queue_full (default {DEFAULT_MAX_QUEUE})")
+    serve.add_argument("--keep-days", type=float, default=DEFAULT_KEEP_DAYS,
+                       help=f"remove finished jobs this many days after they ended; 0 keeps them (default {DEFAULT_KEEP_DAYS:g})")
+    serve.add_argument("--max-jobs-per-key", type=int, default=DEFAULT_MAX_JOBS_PER_KEY,
+                       help=f"most jobs one client key keeps (default {DEFAULT_MAX_JOBS_PER_KEY})")
+    serve.add_argument("--max-bytes-per-key", type=int, default=DEFAULT_MAX_BYTES_PER_KEY,
+                       help=f"most bytes of job files one client key keeps (default {DEFAULT_MAX_BYTES_PER_KEY})")
+    serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                       help=f"open client connections kept (default {DEFAULT_MAX_CONNECTIONS})")
     serve.add_argument("--device", choices=("cpu", "cuda"), default=None,
                        help="device for the pipeline (default: cuda when available, else cpu)")
     serve.add_argument("--verbose", action="store_true", help="debug logging")
@@ -59,19 +71,26 @@ def run_serve(args: argparse.Namespace) -> int:
     from backend.logging_setup import configure_logging
     from backend.server import ConfigError, ServerConfig, check_bind_security, load_runner, serve
 
-    if args.max_queue < 1:
-        return _refuse(f"--max-queue must be >= 1, got {args.max_queue}")
+    for flag, value, low in (("--max-queue", args.max_queue, 1), ("--keep-days", args.keep_days, 0),
+                             ("--max-jobs-per-key", args.max_jobs_per_key, 1),
+                             ("--max-bytes-per-key", args.max_bytes_per_key, 1),
+                             ("--max-connections", args.max_connections, 1)):
+        if not value >= low:
+            return _refuse(f"{flag} must be >= {low}, got {value}")
     if args.keys is not None and not args.keys.is_dir():
         return _refuse(f"--keys {args.keys} is not a folder (make one with `python -m protocol.keys server DIR`)")
     config = ServerConfig(
         store_dir=args.store if args.store is not None else default_store_dir(),
         bind=args.bind, keys_dir=args.keys, insecure=args.insecure,
         max_queue=args.max_queue, device=args.device or "cpu", models=args.models,
+        keep_days=args.keep_days, max_jobs_per_key=args.max_jobs_per_key,
+        max_bytes_per_key=args.max_bytes_per_key, max_connections=args.max_connections,
     )
     try:
         check_bind_security(config)
     except ConfigError as exc:
         return _refuse(str(exc))
+    os.umask(0o077)  # the store, its logs and anything the pipeline writes: the owner's only
     configure_logging(config.store_dir, verbose=args.verbose)
     if args.device is None:
         config.device = _default_device()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 USAGE_ERROR = 2
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--mesh", required=True, type=Path, help="ground-truth mesh (.obj, .glb, .gltf)")
     recon.add_argument("--texture", type=Path, help="base-colour image for the mesh's UVs (overrides an MTL's)")
     recon.add_argument("--views", type=int, help="training views (default: the preset's)")
+    recon.add_argument("--steps", help="neus=N,dmtet=N,color=N: cut the preset's step counts (to fit a time slot)")
+    recon.add_argument("--target-faces", type=int,
+                       help="face budget of the result (default: the preset's; 0 keeps every face)")
     recon.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     recon.add_argument("--quality", default="standard", choices=sorted(PRESETS), help="preset (default standard)")
     recon.add_argument("--triangulate", action="store_true", help="fan-triangulate OBJ polygons instead of refusing them")
@@ -83,6 +87,11 @@ def reconstruct_options(args: argparse.Namespace):
         if args.views < 2:
             raise BenchError(f"--views {args.views}: need at least 2 training views")
         preset = dataclasses.replace(preset, train_views=args.views)
+    preset = dataclasses.replace(preset, **step_overrides(args.steps))
+    if args.target_faces is not None:
+        if args.target_faces < 0:
+            raise BenchError(f"--target-faces {args.target_faces}: must be 0 (keep every face) or more")
+        preset = dataclasses.replace(preset, target_faces=args.target_faces)
     device = _device(args.device)
     if args.out.exists() and not args.out.is_dir():
         raise BenchError(f"--out {args.out}: exists and is not a folder")
@@ -93,8 +102,23 @@ def reconstruct_options(args: argparse.Namespace):
         raise BenchError(str(error)) from None
     if texture is not None and mesh.uvs_fx3x2 is None:
         raise BenchError(f"--texture {args.texture}: {args.mesh.name} has no texture coordinates to map it with")
+    started = time.perf_counter()
     return BenchOptions(mesh=mesh, texture_rgb=texture, preset=preset, out_dir=args.out, device=device, seed=args.seed,
-                        log=lambda line: print(line, flush=True))
+                        log=lambda line: print(f"[{time.perf_counter() - started:7.1f} s] {line}", flush=True))
+
+
+def step_overrides(text: str | None) -> dict[str, int]:
+    """`--steps neus=N,dmtet=N,color=N` -> the `QualityPreset` fields they replace."""
+    from backend.cli_generate import BadInput, parse_steps
+
+    try:
+        steps = parse_steps(text, ("neus", "dmtet", "color"))
+    except BadInput as error:
+        raise BenchError(str(error)) from None
+    for name, count in steps.items():
+        if count < 1:
+            raise BenchError(f"--steps {name}={count}: expected at least 1 step")
+    return {f"{name}_steps": count for name, count in steps.items()}
 
 
 def _steps(text: str) -> dict[str, int]:

@@ -11,10 +11,11 @@ Run it as `python -m backend.bench reconstruct --mesh PATH ...` (see `backend.be
    learnt inv_s);
 4. `DMTet.from_sdf(neus, resolution)` and refine its vertex SDF and offsets against the masks,
    depths and normals of the training views;
-5. fit a `ColorField` on the DMTet surface to the training views' colours, unwrap with xatlas,
-   bake the texture;
+5. decimate the DMTet surface to the face budget (`backend.decimate`), fit a `ColorField` on it
+   to the training views' colours, unwrap with xatlas, bake the texture;
 6. write the GLB, OBJ + MTL + PNG, and GT | ours comparison images of held-out views;
-7. compute chamfer, F-score, normal consistency and held-out PSNR, also for the initial sphere.
+7. compute chamfer, F-score, normal consistency and held-out PSNR, also for the initial sphere
+   and for the full (undecimated) DMTet surface.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backend.cameras import SCENE_BOUND, Cameras
+from backend.decimate import decimate
 from backend.dmtet import DMTet, extract_mesh_from_sdf
 from backend.export import encode_png, write_glb, write_obj
 from backend.hashgrid import HashGridConfig
@@ -83,6 +85,9 @@ class QualityPreset:
     """Hash-grid levels of the colour field."""
     texture_size: int
     """Side of the baked texture, in texels."""
+    target_faces: int
+    """Face budget the DMTet surface is decimated to before unwrapping (0 keeps every face;
+    `--target-faces` overrides it)."""
     metric_points: int
     """Surface samples per mesh for chamfer / F-score / normal consistency."""
 
@@ -93,26 +98,26 @@ PRESETS: dict[str, QualityPreset] = {
         train_views=12, eval_views=3, image_size=64, neus_steps=80, neus_rays=512, neus_samples=32,
         neus_levels=6, neus_log2_table=14, neus_max_resolution=128, occupancy_resolution=32,
         dmtet_resolution=32, dmtet_steps=30, dmtet_views_per_step=3, color_steps=60,
-        color_batch=1024, color_levels=6, texture_size=256, metric_points=4000,
+        color_batch=1024, color_levels=6, texture_size=256, target_faces=5000, metric_points=4000,
     ),
     "draft": QualityPreset(
         train_views=24, eval_views=4, image_size=128, neus_steps=1000, neus_rays=2048, neus_samples=64,
         neus_levels=12, neus_log2_table=17, neus_max_resolution=512, occupancy_resolution=64,
         dmtet_resolution=96, dmtet_steps=200, dmtet_views_per_step=4, color_steps=500,
-        color_batch=16384, color_levels=12, texture_size=512, metric_points=20000,
+        color_batch=16384, color_levels=12, texture_size=512, target_faces=50000, metric_points=20000,
     ),
     # GPU: ~4k NeuS steps of 4k rays x 96 samples, then a 192^3 DMTet at 512^2.
     "standard": QualityPreset(
         train_views=48, eval_views=6, image_size=384, neus_steps=4000, neus_rays=4096, neus_samples=96,
         neus_levels=16, neus_log2_table=19, neus_max_resolution=2048, occupancy_resolution=128,
         dmtet_resolution=192, dmtet_steps=1000, dmtet_views_per_step=4, color_steps=1500,
-        color_batch=65536, color_levels=16, texture_size=1024, metric_points=50000,
+        color_batch=65536, color_levels=16, texture_size=1024, target_faces=50000, metric_points=50000,
     ),
     "high": QualityPreset(
         train_views=72, eval_views=8, image_size=512, neus_steps=8000, neus_rays=8192, neus_samples=128,
         neus_levels=16, neus_log2_table=20, neus_max_resolution=4096, occupancy_resolution=128,
         dmtet_resolution=256, dmtet_steps=2000, dmtet_views_per_step=4, color_steps=3000,
-        color_batch=131072, color_levels=16, texture_size=2048, metric_points=100000,
+        color_batch=131072, color_levels=16, texture_size=2048, target_faces=150000, metric_points=100000,
     ),
 }
 
@@ -395,11 +400,20 @@ def reconstruct(options: BenchOptions) -> dict:
     with torch.no_grad():
         final_vx3, final_fx3 = dmtet.extract()
     lap("dmtet")
-    # 5. Colour field on the final surface, xatlas UVs, baked texture.
-    color = fit_colors(final_vx3, final_fx3, train, preset, rasterizer, generator, device, log)
-    uv_mesh = unwrap(final_vx3, final_fx3, texture_size=preset.texture_size)
+    # 5. The surface decimated to the face budget; a colour field on it, xatlas UVs, baked texture.
+    decimated = decimate(final_vx3, final_fx3, preset.target_faces)
+    for note in decimated.notes:
+        log(f"decimate: {note}")
+    result_vx3 = torch.as_tensor(decimated.verts_vx3, device=device)
+    result_fx3 = torch.as_tensor(decimated.faces_fx3, device=device)
+    log(f"decimate: {len(final_fx3)} -> {len(result_fx3)} faces in {decimated.seconds:.2f} s")
+    lap("decimate")
+    color = fit_colors(result_vx3, result_fx3, train, preset, rasterizer, generator, device, log)
+    lap("color")
+    uv_mesh = unwrap(result_vx3, result_fx3, texture_size=preset.texture_size)
+    lap("unwrap")
     texture = bake_texture(uv_mesh, color, preset.texture_size, rasterizer, device)
-    lap("texture")
+    lap("bake")
     # 6. Outputs: the mesh in the input's own units, and GT | ours images of held-out views.
     out_vx3 = uv_mesh.verts_vx3 / scale + center_3
     write_glb(out_dir / "reconstruction.glb", out_vx3, uv_mesh.faces_fx3, uvs=uv_mesh.uvs_vx2, texture_rgb=texture)
@@ -412,14 +426,16 @@ def reconstruct(options: BenchOptions) -> dict:
     lap("export")
     # 7. Metrics.
     union = ((ours_mask + held_out.mask) > 0).float()
-    final = mesh_metrics(final_vx3, final_fx3, gt_vx3, gt_fx3, preset, options.seed)
+    final = mesh_metrics(result_vx3, result_fx3, gt_vx3, gt_fx3, preset, options.seed)
     result = {
         **{k: round(v, 6) for k, v in final.as_dict().items()},
         "psnr": round(psnr(ours_rgb, gt_rgb), 3),
         "psnr_object": round(psnr(ours_rgb, gt_rgb, union), 3),
         "sphere": {k: round(v, 6) for k, v in mesh_metrics(sphere_vx3, sphere_fx3, gt_vx3, gt_fx3, preset, options.seed).as_dict().items()},
         "neus": {k: round(v, 6) for k, v in mesh_metrics(neus_vx3, neus_fx3, gt_vx3, gt_fx3, preset, options.seed).as_dict().items()},
-        "faces": int(len(final_fx3)),
+        "full": {k: round(v, 6) for k, v in mesh_metrics(final_vx3, final_fx3, gt_vx3, gt_fx3, preset, options.seed).as_dict().items()},
+        "faces": int(len(result_fx3)),
+        "faces_full": int(len(final_fx3)),
     }
     lap("metrics")
     result["seconds"] = round(_synced_time(device) - start, 3)

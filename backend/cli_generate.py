@@ -48,6 +48,7 @@ FIELD_TO_FLAG: dict[str, str] = {
     "params.steps": "--steps",
     "params.seed": "--seed",
     "params.texture_size": "--texture-size",
+    "params.target_faces": "--target-faces",
     "params.mesh_every": "--mesh-every",
     "params.preview_every": "--preview-every",
     "params": "--prompt",
@@ -116,6 +117,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     _add_common_flags(generate)
     generate.add_argument(
         "--steps", help="per-stage step overrides: coarse=N,geometry=N,texture=N"
+    )
+    generate.add_argument(
+        "--target-faces",
+        help="face budget of the result (default: 50000, 150000 at high quality; 0 keeps all)",
     )
     generate.set_defaults(handler=run_command, command="generate")
     refine = subparsers.add_parser(
@@ -210,6 +215,8 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     if camera:
         params["camera"] = camera
+    if getattr(args, "target_faces", None) is not None:
+        params["target_faces"] = _int("--target-faces", args.target_faces)
     return params
 
 
@@ -388,6 +395,8 @@ class LocalContext:
             os.fsync(stream.fileno())
         if event == "stage":
             self._new_bar(body["stage"], int(body["steps"]))
+        elif event == "note":
+            print(f"note: {body['text']}", file=sys.stderr, flush=True)
         return self._seq
 
     def progress(

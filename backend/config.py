@@ -237,6 +237,9 @@ class PipelineConfig:
     """Side in pixels of the baked texture."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """The 2D prior's score-distillation method of the coarse and geometry stages."""
+    target_faces: int = 50_000
+    """Face budget of a generated surface: it is decimated to this many faces before UV
+    unwrapping (backend.decimate); 0 keeps every face."""
     seed: int = 0
     """Seed of every random draw (cameras, noise, timesteps)."""
 
@@ -266,6 +269,7 @@ PRESETS: dict[str, PipelineConfig] = {
         geometry=GeometryConfig(steps=3000, render_res=512, dmtet_res=192),
         texture=TextureConfig(steps=3000, render_res=512, bootstrap_every=500),
         texture_size=2048,
+        target_faces=150_000,
     ),
     # The test preset: what runs with the tiny models on a CPU in seconds.
     "tiny": PipelineConfig(
@@ -283,6 +287,7 @@ PRESETS: dict[str, PipelineConfig] = {
         ),
         stream=StreamConfig(preview_res=32),
         texture_size=256,
+        target_faces=1000,
     ),
 }
 """The presets by name; `quality` in the params picks one of draft, standard, high."""
@@ -325,7 +330,7 @@ def camera_from_params(camera: Any) -> CameraConfig:
 
 def config_for_job(params: Any, preset: str | None = None) -> PipelineConfig:
     """The config of one job: the preset (`preset`, else the params' `quality`) with the params'
-    step overrides, seed, texture size, camera ranges and streaming cadence applied.
+    step overrides, seed, texture size, face budget, camera ranges and streaming cadence applied.
 
     `params` is validated `GenerateParams` / `RefineParams` (or a dict with the same fields).
     """
@@ -342,6 +347,10 @@ def config_for_job(params: Any, preset: str | None = None) -> PipelineConfig:
         if not isinstance(count, int) or count < 0:
             raise ValueError(f"steps.{stage}: expected an integer >= 0, got {count!r}")
         steps[stage] = count
+    target_faces = _get(params, "target_faces", None)
+    if target_faces is not None and (isinstance(target_faces, bool) or not isinstance(target_faces, int)
+                                     or target_faces < 0):
+        raise ValueError(f"target_faces: expected an integer >= 0, got {target_faces!r}")
     stream = dataclasses.replace(
         base.stream,
         mesh_every=int(_get(params, "mesh_every", base.stream.mesh_every)),
@@ -358,5 +367,6 @@ def config_for_job(params: Any, preset: str | None = None) -> PipelineConfig:
         stream=stream,
         texture_size=int(_get(params, "texture_size", base.texture_size)),
         distill=dataclasses.replace(base.distill, method=_get(params, "distill", base.distill.method)),
+        target_faces=base.target_faces if target_faces is None else target_faces,
         seed=int(_get(params, "seed", base.seed)),
     )

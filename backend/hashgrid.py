@@ -14,9 +14,11 @@ Run ``python -m backend.hashgrid --bench --device cuda --points 262144`` for tim
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -287,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log2-table-size", type=int, default=19)
     parser.add_argument("--features", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for this run (0: torch's default)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if not args.bench:
         parser.print_help()
@@ -311,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     for implementation, value in results.items():
         shown = value if isinstance(value, str) else f"{value[0]:.2f} ms forward+backward (process CPU {value[1]:.2f} ms)"
         print(f"  {implementation:7s} {shown}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results))
     return 0
 
 

@@ -3,7 +3,8 @@
 The server owns the sockets and the store; a runner owns the work. The server calls
 `runner.run(ctx)` on its one worker thread, for one job at a time. Through `ctx` the runner:
 
-1. emits `stage` and `mesh` events (stored, then sent to subscribers; `emit` returns the seq),
+1. emits `stage`, `mesh` and `note` events (stored, then sent to subscribers; `emit` returns
+   the seq); a `note` tells the artist something the job decided for them (a clamped value),
 2. reports `progress` (not stored; the newest replaces older ones),
 3. calls `check_cancelled()` once per optimisation step (raises `JobCancelled`),
 4. saves checkpoints (bytes, newest wins) and, when `ctx.resumed`, loads the newest one,
@@ -27,7 +28,7 @@ from backend.store import Buffers, JobStore, StoredEvent
 if TYPE_CHECKING:
     from protocol.params import GenerateParams, RefineParams
 
-RUNNER_EVENTS = ("stage", "mesh")
+RUNNER_EVENTS = ("stage", "mesh", "note")
 STAGES = ("coarse", "geometry", "texture")
 GLB_MAGIC = b"glTF"
 
@@ -125,6 +126,8 @@ class JobContext:
         buffers = dict(buffers or {})
         if event == "stage":
             _check_stage_body(body)
+        elif event == "note":
+            _check_note_body(body)
         else:
             _complete_mesh_body(body, buffers)
         stored = self._store.append_event(self.job_id, body, buffers)
@@ -184,6 +187,13 @@ def _check_stage_body(body: dict[str, Any]) -> None:
     steps = body.get("steps")
     if not isinstance(steps, int) or steps < 0:
         raise RunnerError(f"stage event field 'steps' must be an int >= 0, got {steps!r}")
+
+
+def _check_note_body(body: dict[str, Any]) -> None:
+    if body.get("stage") not in STAGES:
+        raise RunnerError(f"note event field 'stage' must be one of {STAGES}, got {body.get('stage')!r}")
+    if not isinstance(body.get("text"), str) or not body["text"]:
+        raise RunnerError(f"note event field 'text' must be a non-empty string, got {body.get('text')!r}")
 
 
 def _complete_mesh_body(body: dict[str, Any], buffers: Buffers) -> None:

@@ -579,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, default=16, help="hash-grid levels")
     parser.add_argument("--log2-table-size", type=int, default=19)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for this run (0: torch's default)")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if not args.bench:
         parser.print_help()
@@ -605,6 +606,11 @@ def main(argv: list[str] | None = None) -> int:
             f"  {label:17s}: {results['step_ms_' + key]:.1f} ms/step (process CPU {results['cpu_ms_' + key]:.1f} ms), "
             f"{results['evaluated_' + key]:.0f} samples evaluated"
         )
+    if args.json is not None:
+        import json
+
+        with open(args.json, "w") as file:
+            json.dump(results, file)
     return 0
 
 

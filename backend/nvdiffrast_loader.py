@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 
 INSTALL_HINT = (
@@ -54,6 +55,24 @@ def plugin_build_directory(gl: bool = False) -> str:
     return cpp_extension._get_build_directory(name, False)
 
 
+def _add_wheel_cuda_headers() -> None:
+    """Put the CUDA library headers of PyTorch's own `nvidia-*` wheels on CPATH when the toolkit
+    lacks them: torch's CUDA headers include cusparse.h, which a toolkit with only nvcc and the
+    runtime does not have, while the wheels PyTorch runs on hold it (nvidia/cu13/include/...)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    toolkit = os.path.join(cpp_extension.CUDA_HOME or "", "include", "cusparse.h")
+    if os.path.exists(toolkit):
+        return
+    try:
+        import nvidia
+    except ImportError:
+        return
+    found = sorted(str(header.parent) for root in nvidia.__path__ for header in Path(root).glob("*/include/cusparse.h"))
+    if found:
+        os.environ["CPATH"] = os.pathsep.join([found[0], *filter(None, [os.environ.get("CPATH")])])
+
+
 def _put_on_sys_path(directory: str) -> None:
     if directory not in sys.path:
         sys.path.insert(0, directory)
@@ -76,7 +95,9 @@ def load_nvdiffrast() -> ModuleType:
         from nvdiffrast.torch import ops
     except ImportError as error:
         raise NvdiffrastUnavailable(f"importing nvdiffrast.torch failed: {error}. {INSTALL_HINT}") from error
-    # 2. The workaround: the plugin's build directory on sys.path before the first use.
+    # 2. The workarounds: the plugin's build directory on sys.path before the first use, and the
+    #    wheels' CUDA headers where the toolkit has none.
+    _add_wheel_cuda_headers()
     build_dir = plugin_build_directory(gl=False)
     os.makedirs(build_dir, exist_ok=True)
     _put_on_sys_path(build_dir)
@@ -100,3 +121,28 @@ def load_nvdiffrast() -> ModuleType:
         ) from error
     _loaded = dr
     return dr
+
+
+def main() -> int:
+    """`python -m backend.nvdiffrast_loader`: build (if needed) and load the plugin; print one JSON
+    line with its folder and the seconds it took, or one line saying why it cannot."""
+    import json
+    import time
+
+    started = time.perf_counter()
+    if nvdiffrast_installed():  # a build stopped at a time slot's end leaves its lock; none runs now
+        lock = Path(plugin_build_directory(gl=False)) / "lock"
+        if lock.exists():
+            lock.unlink()
+            print(f"removed the stale lock {lock}", file=sys.stderr)
+    try:
+        load_nvdiffrast()
+    except NvdiffrastUnavailable as error:
+        print(f"python -m backend.nvdiffrast_loader: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps({"plugin": plugin_build_directory(gl=False), "seconds": round(time.perf_counter() - started, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

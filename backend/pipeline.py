@@ -5,8 +5,8 @@
                  reference-view losses, eikonal and sparsity; views widen, timesteps anneal.
     2. geometry  `DMTet.from_sdf(neus)`, rasterised normal-shaded renders under SDS (+ Zero123 and
                  reference mask/depth losses); the mesh is extracted every step.
-    3. texture   the surface fixed, xatlas UVs, a `ColorField` sharpened by BSD (+ the reference
-                 RGB loss), then baked into the UV texture.
+    3. texture   the surface fixed and decimated to the face budget, xatlas UVs, a `ColorField`
+                 sharpened by BSD (+ the reference RGB loss), then baked into the UV texture.
 
 `refine_texture` jobs run only stage 3 on the mesh they bring. Each stage is one plain loop over
 steps; a job streams `stage` and `mesh` events and `progress` through its context (the server's
@@ -322,10 +322,16 @@ class Job:
         return verts_vx3.detach(), faces_fx3, neus
 
     def surface_from_mesh(self, verts_vx3: Tensor, faces_fx3: Tensor) -> Surface:
-        """xatlas UVs for a generated mesh; its output coordinates are the scene's."""
+        """The generated mesh decimated to the face budget, with xatlas UVs; its output
+        coordinates are the scene's."""
+        from backend.decimate import decimate
         from backend.texture import unwrap
 
-        uv_mesh = unwrap(verts_vx3, faces_fx3, self.config.texture_size)
+        mesh = decimate(verts_vx3, faces_fx3, self.config.target_faces, self.ctx.check_cancelled)
+        for note in mesh.notes:
+            self.ctx.emit("note", {"stage": "texture", "text": note})
+        uv_mesh = unwrap(mesh.verts_vx3, mesh.faces_fx3, self.config.texture_size,
+                         check_cancelled=self.ctx.check_cancelled)
         verts = torch.as_tensor(uv_mesh.verts_vx3, device=self.device)
         return Surface(
             verts_vx3=verts,
@@ -343,7 +349,8 @@ class Job:
             normalised, faces, uvs, original = (mesh.normalised_vx3, mesh.faces_fx3,
                                                 mesh.uvs_vx2, mesh.verts_vx3)
         else:
-            uv_mesh = unwrap(mesh.normalised_vx3, mesh.faces_fx3, self.config.texture_size)
+            uv_mesh = unwrap(mesh.normalised_vx3, mesh.faces_fx3, self.config.texture_size,
+                             check_cancelled=self.ctx.check_cancelled)
             normalised, faces, uvs = uv_mesh.verts_vx3, uv_mesh.faces_fx3, uv_mesh.uvs_vx2
             original = mesh.verts_vx3[uv_mesh.vmapping_v]
         as_tensor = lambda array, dtype: torch.as_tensor(np.ascontiguousarray(array), dtype=dtype,  # noqa: E731
@@ -435,7 +442,8 @@ class Job:
         )
         with torch.no_grad():
             texture_rgb = bake_texture(uv_mesh, color, self.config.texture_size,
-                                       self.rasterizer, self.device)
+                                       self.rasterizer, self.device,
+                                       check_cancelled=self.ctx.check_cancelled)
         out_verts = surface.out_verts_vx3.cpu().numpy()
         glb = write_glb(None, out_verts, uv_mesh.faces_fx3, uvs=uv_mesh.uvs_vx2,
                         texture_rgb=texture_rgb, metadata={"dreamloom_models": self.guidance.names()})

@@ -7,12 +7,20 @@ from the job's start (model loading included) to the first streamed mesh.
 `--models full` (the default) builds the guidance models at full size with random weights (no
 real weights are needed to time them); `tiny`, `default` or a folder load those instead. Results
 are printed as a table and, with `--json PATH`, written as JSON.
+
+With `--steps` capping a stage, its time is extrapolated to the preset's full step count: the
+stage's measured seconds (hand-over work included once) plus the mean step time for each step
+not run, plus, in the texture stage, the cost of each bootstrap round not run (the first step's
+time beyond the mean: it holds the round of step 0). SIGTERM (a time slot's end) stops the job:
+the report then holds the stages so far, the current one up to its last step, and `stopped`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +37,13 @@ class StageTiming:
     stage: str
     """coarse, geometry or texture."""
     steps: int
-    """Steps it ran."""
+    """Steps it was to run."""
+    steps_done: int = 0
+    """Steps it ran (fewer than `steps` when the run was stopped in it)."""
+    full_steps: int = 0
+    """Steps of the preset (what `steps` was capped from)."""
+    extrapolated_s: float = 0.0
+    """`seconds` extrapolated to `full_steps` (see the module's docstring)."""
     seconds: float = 0.0
     """Wall time from its `stage` event to the next stage's (or the result)."""
     ms_per_step: float = 0.0
@@ -59,8 +73,20 @@ class BenchReport:
     """Peak GPU memory over the run."""
     checkpoint_mib: float = 0.0
     """Size of the largest checkpoint."""
+    extrapolated_total_s: float = 0.0
+    """`total_s` with every stage at its full step count."""
+    stopped: str = ""
+    """Why and where the run stopped early ("" when it ran to the end)."""
     stages: list[StageTiming] = field(default_factory=list)
     """Per stage."""
+
+
+class SlotEnded(BaseException):
+    """SIGTERM arrived: the run's time slot is over (a BaseException, so no job code catches it)."""
+
+
+def _end_slot(signum, frame) -> None:
+    raise SlotEnded()
 
 
 class BenchContext:
@@ -91,6 +117,7 @@ class BenchContext:
         self._sync()
         stage = self._stage
         stage.seconds = time.perf_counter() - self._stage_started
+        stage.steps_done = len(stage._step_times)
         times = stage._step_times[1:] or stage._step_times
         stage.ms_per_step = 1000.0 * sum(times) / max(1, len(times))
         if self.device.type == "cuda":
@@ -181,33 +208,56 @@ def load_bench_models(models: str, device: torch.device) -> Any:
 
 def run_bench(device: str, quality: str, models: str, steps: dict[str, int], image: Path | None,
               texture_size: int) -> BenchReport:
-    """Run one generate job through the pipeline and measure it."""
+    """Run one generate job through the pipeline and measure it (until SIGTERM, if one comes)."""
     from backend.config import config_for_job
     from backend.pipeline import describe_device
     from protocol.params import validate_submit
 
     torch_device = torch.device(device)
     report = BenchReport(device=describe_device(torch_device), quality=quality, models=models)
-    started = time.perf_counter()
-    # 1. Load the models (counted in the time to the first mesh, as a fresh server would).
-    guidance = load_bench_models(models, torch_device)
-    report.load_s = time.perf_counter() - started
-    # 2. One generate job.
     inputs = {"image": image.read_bytes()} if image is not None else {}
     params = validate_submit("generate", {
         "prompt": "a ceramic teapot with blue flowers", "quality": quality, "steps": steps,
         "texture_size": texture_size, "mesh_every": 250, "preview_every": 25,
     }, inputs)
-    ctx = BenchContext("generate", params, inputs, report, started, torch_device)
-    if torch_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(torch_device)
     config = config_for_job(params, "tiny" if models == "tiny" else None)
     report.quality = config.quality
-    bench_job_class(models)(ctx, config, guidance, torch_device).run()
+    started = time.perf_counter()
+    ctx = BenchContext("generate", params, inputs, report, started, torch_device)
+    try:
+        # 1. Load the models (counted in the time to the first mesh, as a fresh server would).
+        guidance = load_bench_models(models, torch_device)
+        report.load_s = time.perf_counter() - started
+        # 2. One generate job.
+        if torch_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(torch_device)
+        bench_job_class(models)(ctx, config, guidance, torch_device).run()
+    except SlotEnded:
+        where = f"{ctx._stage.stage} step {len(ctx._stage._step_times)}" if ctx._stage else "before the first stage"
+        ctx._close_stage()
+        report.stopped = f"SIGTERM in {where}"
     report.total_s = time.perf_counter() - started
-    if torch_device.type == "cuda":
+    if torch_device.type == "cuda" and report.stages:
         report.peak_memory_gib = max(stage.peak_memory_gib for stage in report.stages)
+    extrapolate(report, config)
     return report
+
+
+def extrapolate(report: BenchReport, config) -> None:
+    """Each stage's time at the preset's full step count, and the whole run's."""
+    from backend.config import PRESETS
+
+    preset = PRESETS[config.quality]
+    for stage in report.stages:
+        stage.full_steps = preset.stage_steps(stage.stage)
+        step_s = stage.ms_per_step / 1000.0
+        missing_s = step_s * max(0, stage.full_steps - stage.steps_done)
+        if stage.stage == "texture" and stage._step_times:
+            every = max(config.texture.bootstrap_every, 1)
+            rounds = math.ceil(stage.full_steps / every) - math.ceil(stage.steps_done / every)
+            missing_s += max(0, rounds) * max(0.0, stage._step_times[0] - step_s)
+        stage.extrapolated_s = stage.seconds + missing_s
+    report.extrapolated_total_s = report.total_s + sum(s.extrapolated_s - s.seconds for s in report.stages)
 
 
 def format_report(report: BenchReport) -> str:
@@ -215,19 +265,21 @@ def format_report(report: BenchReport) -> str:
         f"device {report.device}, quality {report.quality}, models {report.models}",
         f"model load {report.load_s:.1f} s; first mesh at {report.first_mesh_s:.1f} s; "
         f"total {report.total_s:.1f} s; peak {report.peak_memory_gib:.2f} GiB; "
-        f"largest checkpoint {report.checkpoint_mib:.1f} MiB",
-        "| stage | steps | ms/step | seconds | peak GiB |",
-        "| --- | --- | --- | --- | --- |",
+        f"largest checkpoint {report.checkpoint_mib:.1f} MiB; at full steps {report.extrapolated_total_s:.1f} s"
+        + (f"; stopped: {report.stopped}" if report.stopped else ""),
+        "| stage | steps run / full | ms/step | seconds | at full steps (s) | peak GiB |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for stage in report.stages:
-        lines.append(f"| {stage.stage} | {stage.steps} | {stage.ms_per_step:.1f} | "
-                     f"{stage.seconds:.1f} | {stage.peak_memory_gib:.2f} |")
+        lines.append(f"| {stage.stage} | {stage.steps_done} / {stage.full_steps} | {stage.ms_per_step:.1f} | "
+                     f"{stage.seconds:.1f} | {stage.extrapolated_s:.1f} | {stage.peak_memory_gib:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from backend.cli_generate import BadInput, parse_steps
 
+    signal.signal(signal.SIGTERM, _end_slot)  # from here on a time slot's end still gives a report
     parser = argparse.ArgumentParser(prog="python -m backend.pipeline_bench", description=__doc__)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quality", default="standard", choices=("draft", "standard", "high"))
@@ -251,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             stage.pop("_step_times", None)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
-    return 0
+    return 3 if report.stopped else 0
 
 
 if __name__ == "__main__":

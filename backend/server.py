@@ -11,13 +11,22 @@ Threads:
 A subscription remembers the seq of the last event it sent (`sent_seq`). Live events go out only
 when they are exactly the next one; anything else (a subscriber that is behind, a send that
 failed) is caught up from the store, so each subscriber gets every event once, in order.
+
+Nothing a client sends and nothing the disk does ends the process: every request, its reply's
+encoding included, and every step of the loop turn a failure into an `error` reply or a log
+line; the worker survives a failed write, ends that job `failed` and waits until the store is
+writable again. What is wrong is reported as `degraded` in `welcome` and `pong`. Everything a
+client can make the server keep is bounded (docs/server.md, "Limits and guarantees").
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 import traceback
@@ -25,14 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import msgpack
 import zmq
 
 from backend.jobs import JobCancelled, JobContext, JobFailed, JobHooks, JobInterrupted, JobRunner
-from backend.store import FINISHED_STATES, JobRecord, JobStore, StoredEvent
+from backend.store import FINISHED_STATES, Damage, JobRecord, JobStore, StoreDamaged, StoredEvent, write_file_atomic
 from protocol import messages as pm
 from protocol.codec import ProtocolError
+from protocol.keys import authorized_dir
 from protocol.messages import ErrorCode, Message, MessageType
-from protocol.transport import Incoming, ServerSocket, is_loopback
+from protocol.transport import DEFAULT_MAX_CONNECTIONS, Incoming, ServerSocket, is_loopback
 
 log = logging.getLogger("dreamloom.server")
 
@@ -48,6 +59,31 @@ DROP_AFTER_S = 15.0
 client gets everything again by subscribing with its last seq."""
 WORKER_JOIN_S = 15.0
 """How long shutdown waits for the running job to reach its next `check_cancelled`."""
+DEFAULT_KEEP_DAYS = 30.0
+DEFAULT_MAX_JOBS_PER_KEY = 1000
+DEFAULT_MAX_BYTES_PER_KEY = 20 * 2**30
+JOBS_PAGE = 100
+"""Jobs in a `jobs` reply when `list_jobs` gives no `limit`."""
+MAX_JOBS_PAGE = 1000
+"""Largest `limit` of a `list_jobs`."""
+JOBS_REPLY_BYTES = 512 * 2**10
+"""A `jobs` page stops before its entries pass this many bytes (the body limit is 1 MiB)."""
+DROPPED_WINDOW_S = 60.0
+"""Jobs cancelled or deleted while queued count against `max_queue` for this many seconds."""
+MAX_SUBSCRIPTIONS_PER_PEER = 64
+"""Subscriptions one connection keeps; a newer one replaces its oldest."""
+MAX_SUBSCRIPTIONS = 4096
+"""Subscriptions the server keeps in all; a newer one replaces the oldest."""
+FD_RESERVE = 256
+"""File descriptors kept free of client connections, for the store, the log and the job."""
+RETENTION_EVERY_S = 3600.0
+"""How often finished jobs past `keep_days` are removed (and once at start)."""
+KEYS_CHECK_S = 1.0
+"""How often `authorized_clients/` is looked at for changes."""
+STORE_RETRY_S = (1.0, 30.0)
+"""First and longest wait of the worker between tries while the store cannot be written."""
+MAX_PROBLEMS = 20
+"""Problems listed in `degraded` (the log has them all)."""
 
 
 class ConfigError(Exception):
@@ -72,6 +108,14 @@ class ServerConfig:
     """Device the runner is built for: "cpu" or "cuda"."""
     models: str = "default"
     """Model set name the runner loads (backend.pipeline.make_runner)."""
+    keep_days: float = DEFAULT_KEEP_DAYS
+    """Finished jobs are removed this many days after they ended; 0 keeps them until deleted."""
+    max_jobs_per_key: int = DEFAULT_MAX_JOBS_PER_KEY
+    """Most jobs one client key keeps in the store; more get `queue_full`."""
+    max_bytes_per_key: int = DEFAULT_MAX_BYTES_PER_KEY
+    """Most bytes of job files one client key keeps in the store; more get `queue_full`."""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    """Open client connections kept (also held below the descriptor limit less FD_RESERVE)."""
 
 
 @dataclass
@@ -154,6 +198,18 @@ class Server:
         self._wake_tx = self._zctx.socket(zmq.PAIR)
         self._worker: threading.Thread | None = None
         self._sock: ServerSocket = None
+        self._problems: dict[str, str] = {}
+        """What is wrong now, by source ("worker", "store", "keys"): reported in `degraded`."""
+        self._damage: list[Damage] = list(self.store.damage)
+        """Damage found in the store, at start and since."""
+        self._dropped: collections.deque[float] = collections.deque()
+        """Monotonic times at which queued jobs were cancelled or deleted (DROPPED_WINDOW_S)."""
+        self._reload_keys = threading.Event()
+        self._keys_seen: tuple = ()
+        self._next_keys_check = 0.0
+        self._next_retention = 0.0
+        for item in self._damage:
+            log.error("store damaged: %s", item.line())
         self._handlers: dict[str, Callable[[Incoming, Message], Message]] = {
             MessageType.HELLO: self._hello,
             MessageType.SUBMIT: self._submit,
@@ -173,6 +229,11 @@ class Server:
         self._stop.set()
         self._wake()
 
+    def reload_keys(self) -> None:
+        """Re-read `authorized_clients/` soon (SIGHUP; a change of the folder does it too)."""
+        self._reload_keys.set()
+        self._wake()
+
     def run(self) -> None:
         """Bind, start the worker, serve until `stop`, then shut down gracefully."""
         address = f"inproc://dreamloom-wake-{id(self)}"
@@ -183,6 +244,7 @@ class Server:
             sock = ServerSocket(
                 self.config.bind, keys_dir=self.config.keys_dir, context=self._zctx,
                 allow_insecure=self.config.insecure,
+                max_connections=min(self.config.max_connections, max(16, _raise_descriptor_limit() - FD_RESERVE)),
             )
             self._sock = sock
             self.bound_address = sock.bound_address
@@ -216,20 +278,32 @@ class Server:
         poller = zmq.Poller()
         poller.register(sock.socket, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        poller.register(sock.monitor, zmq.POLLIN)
         while not self._stop.is_set():
-            # 1. Sleep until a request, a wake-up from the worker, or the next retry.
+            # 1. Sleep until a request, a wake-up from the worker, a connection, or the next retry.
             ready = dict(poller.poll(self._poll_timeout_ms()))
-            # 2. Drain wake-ups (one is enough to look at the outbox).
+            # 2. Drain wake-ups (one is enough to look at the outbox); keep connections capped.
             if self._wake_rx in ready:
                 while self._wake_rx.poll(0):
                     self._wake_rx.recv()
+            self._guarded(sock.police_connections)
             # 3. Answer every request that is waiting.
             if sock.socket in ready:
-                self._serve_requests(sock)
+                self._guarded(self._serve_requests, sock)
             # 4. Send what the worker stored, then catch up subscribers that are behind.
-            self._send_events(sock)
-            self._send_progress(sock)
-            self._catch_up(sock)
+            self._guarded(self._send_events, sock)
+            self._guarded(self._send_progress, sock)
+            self._guarded(self._catch_up, sock)
+            # 5. Now and then: reload changed keys, remove jobs past their retention.
+            self._guarded(self._watch_keys, sock)
+            self._guarded(self._retention)
+
+    def _guarded(self, step: Callable[..., None], *args: Any) -> None:
+        """Run one step of the loop; a fault of ours is logged and the loop goes on."""
+        try:
+            step(*args)
+        except Exception:
+            log.exception("the server loop failed in %s; it goes on", step.__name__)
 
     def _poll_timeout_ms(self) -> int:
         if any(sub.failing_since is not None or sub.retry_at for sub in self._subs.values()):
@@ -241,16 +315,35 @@ class Server:
             incoming = sock.recv(0)
             if incoming is None:
                 return
-            reply = self._answer(incoming)
-            if reply is not None:
-                sock.send(incoming.peer, reply)
+            self._reply(sock, incoming.peer, self._answer(incoming))
 
-    def _answer(self, incoming: Incoming) -> Message | None:
+    def _reply(self, sock: ServerSocket, peer: bytes, reply: Message) -> None:
+        """Send `reply`; a reply that cannot be encoded becomes an `internal` error instead."""
+        try:
+            sock.send(peer, reply)
+        except Exception as exc:  # a reply we built breaks the limits: say so, keep serving
+            log.exception("cannot encode the %s reply to %s", reply.type, reply.reply_to)
+            fallback = pm.error(
+                ErrorCode.INTERNAL,
+                f"the server could not encode its {reply.type} reply: {type(exc).__name__}: {_one_line(exc)}",
+                reply_to=reply.reply_to,
+            )
+            try:
+                sock.send(peer, fallback)
+            except Exception:
+                log.exception("cannot encode the error reply to %s either", reply.reply_to)
+
+    def _answer(self, incoming: Incoming) -> Message:
         """The reply to one received message; never raises."""
         if incoming.error is not None:
             return incoming.error.to_message()
         request: Message = incoming.message
         try:
+            if self.config.keys_dir is not None and incoming.client_key not in self._sock.authorized:
+                raise ProtocolError(
+                    ErrorCode.UNAUTHORIZED,
+                    "this client's key is no longer in the server's authorized_clients; ask its operator",
+                )
             handler = self._handlers.get(request.type)
             if handler is None:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{request.type!r} is not a request a client can send", "type")
@@ -285,19 +378,38 @@ class Server:
             "models": dict(self.runner.models) if self.runner is not None else {},
             "max_message_bytes": self._sock.max_message_bytes,
             "heartbeat_ms": self._sock.heartbeat_ms,
+            **self._health(),
         })
 
+    def _health(self) -> dict[str, Any]:
+        """`degraded` (true while anything is wrong) and `problems` (one line each, newest
+        runtime problems first, then store damage), for `welcome` and `pong`."""
+        lines = list(self._problems.values()) + [item.line() for item in self._damage]
+        return {"degraded": bool(lines), "problems": [pm.clip(line, 300) for line in lines[:MAX_PROBLEMS]]}
+
     def _submit(self, incoming: Incoming, request: Message) -> Message:
-        from protocol.params import params_to_dict, validate_submit
+        from protocol.params import params_to_dict, validate_request_id, validate_submit
 
         kind = request.body.get("kind")
+        owner = _owner(incoming)
+        request_id = validate_request_id(request.body.get("request_id"))
         params = validate_submit(kind, request.body.get("params"), request.buffers)
         if self.runner is None:
             raise ProtocolError(ErrorCode.INTERNAL, self.runner_missing or "no runner")
+        # 1. A retried submit (same request_id) gets the job the first one made.
+        earlier = self.store.find_request(owner, request_id) if request_id is not None else None
+        if earlier is not None:
+            key = (incoming.peer, earlier.job_id)
+            if key not in self._subs:
+                self._add_subscription(Subscription(incoming.peer, earlier.job_id, sent_seq=0, retry_at=time.monotonic()))
+            return self._accepted(request, earlier.job_id, self.store.queue_position(earlier.job_id))
+        # 2. The limits: submits per minute, jobs and bytes kept per key, jobs waiting.
+        self._check_quota(owner, request.buffers)
         params_dict = params_to_dict(params)
         created = self.store.create_job(
-            owner=_owner(incoming), kind=kind, prompt=str(params_dict.get("prompt", "")),
+            owner=owner, kind=kind, prompt=str(params_dict.get("prompt", "")),
             params=params_dict, inputs=dict(request.buffers), max_queued=self.config.max_queue,
+            request_id=request_id,
         )
         if created is None:
             raise ProtocolError(
@@ -306,13 +418,53 @@ class Server:
             )
         record, queued = created
         position = queued.body["position"]
-        self._subs[(incoming.peer, record.job_id)] = Subscription(incoming.peer, record.job_id, sent_seq=0)
+        self._add_subscription(Subscription(incoming.peer, record.job_id, sent_seq=0))
         self._publish(queued)
         self._work.set()
         log.info("job %s queued (%s, position %d)", record.job_id, kind, position)
-        reply = pm.reply_to(request, MessageType.ACCEPTED, {"job_id": record.job_id, "position": position})
-        reply.job_id = record.job_id
+        return self._accepted(request, record.job_id, position)
+
+    def _accepted(self, request: Message, job_id: str, position: int) -> Message:
+        reply = pm.reply_to(request, MessageType.ACCEPTED, {"job_id": job_id, "position": position})
+        reply.job_id = job_id
         return reply
+
+    def _check_quota(self, owner: str, buffers: dict) -> None:
+        """`queue_full` naming the limit when this key may not store another job now."""
+        while self._dropped and self._dropped[0] < time.monotonic() - DROPPED_WINDOW_S:
+            self._dropped.popleft()
+        if self._dropped and self.store.count_queued() + len(self._dropped) >= self.config.max_queue:
+            raise ProtocolError(
+                ErrorCode.QUEUE_FULL,
+                f"{self.store.count_queued()} jobs wait and {len(self._dropped)} were cancelled while waiting in the "
+                f"last {DROPPED_WINDOW_S:.0f} s (together at most the server's --max-queue {self.config.max_queue});"
+                " try again later",
+            )
+        jobs, nbytes = self.store.usage(owner)
+        incoming_bytes = sum(memoryview(value).nbytes for value in buffers.values())
+        if jobs >= self.config.max_jobs_per_key:
+            raise ProtocolError(
+                ErrorCode.QUEUE_FULL,
+                f"this client keeps {jobs} jobs on the server (its --max-jobs-per-key); delete some first",
+            )
+        if nbytes + incoming_bytes > self.config.max_bytes_per_key:
+            raise ProtocolError(
+                ErrorCode.QUEUE_FULL,
+                f"this client's jobs take {nbytes} bytes on the server and this one brings {incoming_bytes} "
+                f"(its --max-bytes-per-key is {self.config.max_bytes_per_key}); delete some first",
+            )
+
+    def _add_subscription(self, sub: Subscription) -> None:
+        """Keep `sub`, dropping the peer's oldest beyond MAX_SUBSCRIPTIONS_PER_PEER and the
+        server's oldest beyond MAX_SUBSCRIPTIONS (a peer that is still there subscribes again)."""
+        key = (sub.peer, sub.job_id)
+        self._subs.pop(key, None)
+        mine = [k for k in self._subs if k[0] == sub.peer]
+        for old in mine[: max(0, len(mine) + 1 - MAX_SUBSCRIPTIONS_PER_PEER)]:
+            del self._subs[old]
+        while len(self._subs) >= MAX_SUBSCRIPTIONS:
+            del self._subs[next(iter(self._subs))]
+        self._subs[key] = sub
 
     def _cancel(self, incoming: Incoming, request: Message) -> Message:
         job = self._visible_job(incoming, request)
@@ -321,6 +473,7 @@ class Server:
             if cancelled is None:
                 self._request_cancel(job.job_id)
         if cancelled is not None:
+            self._dropped.append(time.monotonic())
             self._publish(cancelled)
             log.info("job %s cancelled while queued", job.job_id)
         return pm.reply_to(request, MessageType.CANCELLED, {"job_id": job.job_id})
@@ -332,7 +485,7 @@ class Server:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"after_seq must be an int >= 0, got {after_seq!r}", "after_seq")
         sub = Subscription(incoming.peer, job.job_id, sent_seq=min(after_seq, job.last_seq))
         sub.retry_at = time.monotonic()  # replay the stored events right after the reply
-        self._subs[(incoming.peer, job.job_id)] = sub
+        self._add_subscription(sub)
         reply = pm.reply_to(request, MessageType.SUBSCRIBED, {"job_id": job.job_id, "last_seq": job.last_seq})
         reply.job_id = job.job_id
         return reply
@@ -343,8 +496,20 @@ class Server:
         return pm.reply_to(request, MessageType.UNSUBSCRIBED, {"job_id": job.job_id})
 
     def _list_jobs(self, incoming: Incoming, request: Message) -> Message:
-        jobs = self.store.list_jobs(owner=_owner(incoming))
-        return pm.reply_to(request, MessageType.JOBS, {"jobs": [job.listing() for job in jobs]})
+        cursor = _int_field(request.body, "cursor", 0, 0, 2**62)
+        limit = _int_field(request.body, "limit", JOBS_PAGE, 1, MAX_JOBS_PAGE)
+        records = self.store.list_jobs(owner=_owner(incoming), after=cursor, limit=limit + 1)
+        entries: list[dict[str, Any]] = []
+        size = 0
+        for record in records[:limit]:
+            entry = record.listing()
+            size += len(msgpack.packb(entry))
+            if entries and size > JOBS_REPLY_BYTES:
+                break
+            entries.append(entry)
+        more = len(entries) < len(records)
+        next_cursor = records[len(entries) - 1].order_no if more else None
+        return pm.reply_to(request, MessageType.JOBS, {"jobs": entries, "next_cursor": next_cursor})
 
     def _get_result(self, incoming: Incoming, request: Message) -> Message:
         job = self._visible_job(incoming, request)
@@ -357,6 +522,8 @@ class Server:
 
     def _delete_job(self, incoming: Incoming, request: Message) -> Message:
         job = self._visible_job(incoming, request)
+        if job.state == "queued":
+            self._dropped.append(time.monotonic())
         with self._current_lock:  # the worker claims jobs under this lock too
             self.store.mark_deleted(job.job_id)
             running = self._request_cancel(job.job_id)
@@ -368,7 +535,7 @@ class Server:
         return pm.reply_to(request, MessageType.DELETED, {"job_id": job.job_id})
 
     def _ping(self, incoming: Incoming, request: Message) -> Message:
-        return pm.reply_to(request, MessageType.PONG)
+        return pm.reply_to(request, MessageType.PONG, self._health())
 
     def _visible_job(self, incoming: Incoming, request: Message) -> JobRecord:
         job_id = request.body.get("job_id", request.job_id)
@@ -446,9 +613,65 @@ class Server:
                 del self._subs[key]
                 continue
             sub.retry_at = 0.0
-            for event in self.store.events_after(sub.job_id, sub.sent_seq):
+            try:
+                events = self.store.events_after(sub.job_id, sub.sent_seq)
+            except StoreDamaged as exc:  # that job's files only: tell its subscriber, serve the rest
+                self._store_damaged(exc)
+                del self._subs[key]
+                self._reply(sock, sub.peer, pm.error(ErrorCode.INTERNAL, str(exc), job_id=sub.job_id))
+                continue
+            for event in events:
                 if not self._send_event(sock, sub, event):
                     break
+
+    def _store_damaged(self, exc: StoreDamaged) -> None:
+        if exc.damage not in self._damage:
+            self._damage.append(exc.damage)
+            log.error("%s", exc)
+
+    # 4b. Keys and retention ---------------------------------------------------------------------
+
+    def _watch_keys(self, sock: ServerSocket) -> None:
+        """Reload the authorised keys on SIGHUP or when `authorized_clients/` changed."""
+        if self.config.keys_dir is None:
+            return
+        now = time.monotonic()
+        if not self._reload_keys.is_set() and now < self._next_keys_check:
+            return
+        self._next_keys_check = now + KEYS_CHECK_S
+        folder = authorized_dir(self.config.keys_dir)
+        try:
+            seen = tuple(sorted((entry.name, entry.stat().st_mtime_ns, entry.stat().st_size)
+                                for entry in os.scandir(folder)))
+        except OSError as exc:
+            seen = (str(exc),)
+        if seen == self._keys_seen and not self._reload_keys.is_set():
+            return
+        self._reload_keys.clear()
+        first = not self._keys_seen
+        self._keys_seen = seen
+        try:
+            sock.reload_authorized()
+        except (OSError, ValueError) as exc:
+            self._problems["keys"] = f"the authorised keys cannot be reloaded from {folder}: {_one_line(exc)}"
+            log.error("%s", self._problems["keys"])
+            return
+        self._problems.pop("keys", None)
+        if not first:
+            log.info("authorised keys reloaded: %d keys", len(sock.authorized))
+
+    def _retention(self) -> None:
+        """Remove finished jobs that ended more than `keep_days` ago (hourly, and at start)."""
+        now = time.monotonic()
+        if self.config.keep_days <= 0 or now < self._next_retention:
+            return
+        self._next_retention = now + RETENTION_EVERY_S
+        for job_id in self.store.expired(time.time() - self.config.keep_days * 86400):
+            self.store.mark_deleted(job_id)
+            for key in [key for key in self._subs if key[1] == job_id]:
+                del self._subs[key]
+            self.store.purge(job_id)
+            log.info("job %s removed: it ended more than %g days ago (--keep-days)", job_id, self.config.keep_days)
 
     def _send_progress(self, sock: ServerSocket) -> None:
         with self._outbox.lock:
@@ -461,30 +684,69 @@ class Server:
     # 5. The worker -------------------------------------------------------------------------------
 
     def _work_loop(self) -> None:
+        unfinished: dict[str, tuple[str, str | None]] = {}  # job_id -> its end, not stored yet
+        wait_s = STORE_RETRY_S[0]
         while not self._shutdown.is_set():
-            # 1. Take the next job; sleep until a submit wakes us when there is none.
-            hooks = JobHooks(on_event=self._publish, on_progress=self._publish_progress, shutdown=self._shutdown)
-            with self._current_lock:  # claim and become current at once (see _cancel, _delete_job)
-                claimed = self.store.claim_next()
-                if claimed is not None:
-                    self._current = (claimed[0].job_id, hooks)
-            if claimed is None:
-                self._work.wait(1.0)
-                self._work.clear()
-                continue
-            # 2. Run it; a stop interrupts it and leaves it `running` for the next start.
-            record, resumed = claimed
             try:
-                state, reason = self._run_job(record, resumed, hooks)
-            except Exception:  # a fault of the server around the job, not of the runner
-                log.exception("job %s: the worker failed", record.job_id)
-                state, reason = "failed", "the server failed running this job (see its log)"
-            finally:
-                with self._current_lock:
-                    self._current = None
-            # 3. Store and send how it ended (nothing when interrupted: it resumes next start).
-            if state is not None:
-                self._finish(record.job_id, state, reason)
+                # 1. While the store cannot be written (a full disk), wait and try again.
+                if "store" in self._problems:
+                    self._probe_store()
+                # 2. Store the ends of jobs that could not be stored before; run the next job.
+                for job_id, (state, reason) in list(unfinished.items()):
+                    self._finish(job_id, state, reason)
+                    del unfinished[job_id]
+                self._work_once(unfinished)
+                wait_s = STORE_RETRY_S[0]
+                self._problems.pop("worker", None)
+            except Exception as exc:  # the store failed under the worker: report, wait, go on
+                log.exception("the worker could not use the store; it tries again in %.0f s", wait_s)
+                self._problems["worker"] = f"the worker cannot use the store: {type(exc).__name__}: {_one_line(exc)}"
+                self._note_store_failure(exc)
+                self._shutdown.wait(wait_s)
+                wait_s = min(2 * wait_s, STORE_RETRY_S[1])
+
+    def _probe_store(self) -> None:
+        """Raise while a small write to the store still fails; clear the problem once it works."""
+        probe = self.config.store_dir / ".write-probe"
+        write_file_atomic(probe, bytes(64 * 2**10))
+        probe.unlink()
+        log.info("the store can be written again: %s", self._problems.pop("store"))
+
+    def _work_once(self, unfinished: dict[str, tuple[str, str | None]]) -> None:
+        # 1. Take the next job; sleep until a submit wakes us when there is none.
+        hooks = JobHooks(on_event=self._publish, on_progress=self._publish_progress, shutdown=self._shutdown)
+        with self._current_lock:  # claim and become current at once (see _cancel, _delete_job)
+            claimed = self.store.claim_next()
+            if claimed is not None:
+                self._current = (claimed[0].job_id, hooks)
+        if claimed is None:
+            self._work.wait(1.0)
+            self._work.clear()
+            return
+        # 2. Run it; a stop interrupts it and leaves it `running` for the next start.
+        record, resumed = claimed
+        try:
+            state, reason = self._run_job(record, resumed, hooks)
+        except Exception as exc:  # a fault of the server around the job, not of the runner
+            log.exception("job %s: the worker failed", record.job_id)
+            state, reason = "failed", f"the server failed running this job: {type(exc).__name__}: {_one_line(exc)}"
+            self._note_store_failure(exc)
+        finally:
+            with self._current_lock:
+                self._current = None
+        # 3. Store and send how it ended (nothing when interrupted: it resumes next start).
+        if state is not None:
+            unfinished[record.job_id] = (state, reason)
+            self._finish(record.job_id, state, reason)
+            del unfinished[record.job_id]
+
+    def _note_store_failure(self, exc: BaseException) -> None:
+        """A job that failed on a write (a full disk) marks the store as failing: the worker
+        waits for it to be writable before it takes the next job."""
+        if isinstance(exc, StoreDamaged):
+            self._store_damaged(exc)
+        elif isinstance(exc, (OSError, sqlite3.Error)):
+            self._problems["store"] = f"writing the store failed: {type(exc).__name__}: {_one_line(exc)}"
 
     def _run_job(self, record: JobRecord, resumed: bool, hooks: JobHooks) -> tuple[str | None, str | None]:
         from protocol.params import validate_submit
@@ -515,6 +777,7 @@ class Server:
             return "cancelled", None
         except Exception as exc:
             log.error("job %s failed:\n%s", ctx.job_id, traceback.format_exc())
+            self._note_store_failure(exc)
             if isinstance(exc, JobFailed):
                 return "failed", _one_line(exc)
             return "failed", f"{type(exc).__name__}: {_one_line(exc)}"
@@ -536,12 +799,41 @@ class Server:
         if reason is not None:
             body["error"] = reason
         self._publish(self.store.append_event(job_id, body, state=state, error=reason))
+        self.store.fold_log()
         log.info("job %s %s%s", job_id, state, f": {reason}" if reason else "")
 
 
 def _owner(incoming: Incoming) -> str:
     """The owner a job submitted by this client gets: its public key, "" without keys."""
     return incoming.client_key or ""
+
+
+def _int_field(body: dict, name: str, default: int, low: int, high: int) -> int:
+    """An optional integer request field in [low, high]; ProtocolError names it."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{name} must be an integer in [{low}, {high}], got {value!r}", name)
+    return value
+
+
+def _raise_descriptor_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit; returns the new soft limit
+    (a large number where there is no such limit, as on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 2**16
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def _one_line(exc: BaseException) -> str:
@@ -558,6 +850,8 @@ def serve(config: ServerConfig, runner: JobRunner | None, runner_missing: str | 
         log.warning("no job runner: %s; submits will be refused", runner_missing)
     server = Server(config, runner, runner_missing)
     previous = {sig: signal.signal(sig, lambda signum, frame: server.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if hasattr(signal, "SIGHUP"):  # not on Windows; the folder watch reloads keys there too
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: server.reload_keys())
     try:
         server.run()
     finally:

@@ -5,23 +5,27 @@ Layout under the store folder (see docs/server.md):
     jobs.sqlite3                  the `jobs` and `events` tables (WAL mode)
     jobs/<job_id>/inputs.bin      the submit's buffers, raw bytes one after another
     jobs/<job_id>/events/<seq>.bin      each event's buffers, raw bytes one after another
-    jobs/<job_id>/checkpoint.bin  the runner's newest checkpoint
-    jobs/<job_id>/result.glb      the final GLB, kept until `delete_job`
+    jobs/<job_id>/checkpoint.bin  the runner's newest checkpoint, dropped when the job ends
+    jobs/<job_id>/result.glb      the final GLB, kept until `delete_job` or the retention
 
 One connection is shared by the server's two threads behind a lock: every method takes the lock
 for its whole transaction, so a method is atomic with respect to the other thread. Files are
 written to a temporary name, fsynced, then renamed into place, so a crash leaves either the old
-or the new file, never half of one.
+or the new file, never half of one. The folder is 0700 and every file 0600: prompts and results
+are the artists' own. Opening a store checks it (backend.store_check): damage is repaired where
+it can be and reported in `damage`; the healthy jobs are served as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +63,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     error      TEXT,
     last_seq   INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
-    deleted    INTEGER NOT NULL DEFAULT 0
+    deleted    INTEGER NOT NULL DEFAULT 0,
+    request_id TEXT,
+    nbytes     INTEGER NOT NULL DEFAULT 0,
+    ended_at   REAL
 );
 CREATE TABLE IF NOT EXISTS events (
     job_id     TEXT NOT NULL,
@@ -71,6 +78,14 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job_id, seq)
 );
 """
+_ADDED_COLUMNS = {
+    "request_id": "TEXT",
+    "nbytes": "INTEGER NOT NULL DEFAULT 0",
+    "ended_at": "REAL",
+}
+"""Columns added after the first release: a store made before them gets them when opened."""
+TEMP_SUFFIX = ".tmp"
+"""Ending of the temporary names `write_file_atomic` writes before its rename."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,10 @@ class JobRecord:
     """The seq of the job's newest stored event, 0 before the first."""
     created_at: float
     """Unix time of the submit."""
+    order_no: int = 0
+    """Position in submission order; the `jobs` paging cursor."""
+    nbytes: int = 0
+    """Bytes the job's files take (inputs, event buffers, result)."""
 
     def listing(self) -> dict[str, Any]:
         """The job's entry in a `jobs` reply (PROTOCOL.md section 3)."""
@@ -139,21 +158,52 @@ class StoreError(Exception):
     """A store operation was asked for something that cannot be (the message says what)."""
 
 
+class StoreDamaged(StoreError):
+    """A file or row the store needs is missing or damaged; the message names the job and file."""
+
+    def __init__(self, job_id: str | None, where: str, what: str) -> None:
+        super().__init__(f"store damaged: {where}: {what}" + (f" (job {job_id})" if job_id else ""))
+        self.damage = Damage(where, what, job_id)
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One damaged thing in a store, as `welcome`, `ping` and `store check` report it."""
+
+    where: str
+    """The file, relative to the store folder."""
+    what: str
+    """What is wrong and what was done about it."""
+    job_id: str | None = None
+    """The job it hurts, None for the whole store."""
+
+    def line(self) -> str:
+        return f"{self.where}: {self.what}" + (f" (job {self.job_id})" if self.job_id else "")
+
+
 def new_job_id() -> str:
     """A fresh job id: 32 lowercase hex characters."""
     return uuid.uuid4().hex
 
 
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a fsynced temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_file_atomic(path: Path, data: bytes | memoryview | list[bytes | memoryview]) -> int:
+    """Write `data` (or its chunks, one after another) to `path`, readable by the owner only,
+    through a fsynced temporary file and a rename; returns the bytes written. A failed write
+    (a full disk) removes the temporary file and raises."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
+    chunks = data if isinstance(data, list) else [data]
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            written = sum(f.write(chunk) for chunk in chunks)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+    return written
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -177,31 +227,39 @@ def _buffer_spec(name: str, value: np.ndarray | bytes) -> dict[str, Any]:
     return {"name": name, "dtype": code, "shape": list(value.shape)}
 
 
-def _buffer_bytes(spec: dict[str, Any], value: np.ndarray | bytes) -> bytes:
+def _buffer_bytes(spec: dict[str, Any], value: np.ndarray | bytes) -> memoryview:
+    """A byte view of one buffer, copied only when its dtype or layout needs converting."""
     if spec["dtype"] == "bytes":
-        return bytes(value)
+        return memoryview(value).cast("B")
     array = np.ascontiguousarray(value, dtype=_NUMPY_DTYPES[spec["dtype"]])
-    return array.tobytes()
+    return memoryview(array.reshape(-1).view(np.uint8))
 
 
-def _pack_buffers(buffers: Buffers) -> tuple[list[dict[str, Any]], bytes]:
-    """(specs with `offset` and `nbytes`, the buffers' bytes one after another)."""
+def _pack_buffers(buffers: Buffers) -> tuple[list[dict[str, Any]], list[memoryview]]:
+    """(specs with `offset` and `nbytes`, the buffers' bytes as chunks in file order)."""
     specs, chunks, offset = [], [], 0
     for name, value in buffers.items():
         spec = _buffer_spec(name, value)
         data = _buffer_bytes(spec, value)
-        spec.update(offset=offset, nbytes=len(data))
+        spec.update(offset=offset, nbytes=data.nbytes)
         specs.append(spec)
         chunks.append(data)
-        offset += len(data)
-    return specs, b"".join(chunks)
+        offset += data.nbytes
+    return specs, chunks
 
 
-def _unpack_buffers(specs: list[dict[str, Any]], path: Path) -> Buffers:
-    """The buffers `_pack_buffers` wrote to `path`."""
+def _unpack_buffers(specs: list[dict[str, Any]], path: Path, job_id: str, root: Path) -> Buffers:
+    """The buffers `_pack_buffers` wrote to `path`; StoreDamaged when the file is missing or short."""
     if not specs:
         return {}
-    data = path.read_bytes()
+    where = str(path.relative_to(root))
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise StoreDamaged(job_id, where, "the file is missing") from None
+    needed = max(spec["offset"] + spec["nbytes"] for spec in specs)
+    if len(data) < needed:
+        raise StoreDamaged(job_id, where, f"the file is truncated ({len(data)} of {needed} bytes)")
     return {
         spec["name"]: _buffer_value(spec, data[spec["offset"]: spec["offset"] + spec["nbytes"]])
         for spec in specs
@@ -217,17 +275,19 @@ def _buffer_value(spec: dict[str, Any], data: bytes) -> np.ndarray | bytes:
 class JobStore:
     """The jobs, their events, buffers, checkpoints and results under one folder."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, read_only: bool = False) -> None:
+        """Open (and create) the store; `read_only` only inspects it (`store check`)."""
+        from backend.store_check import check_jobs, open_checked
+
         self.root = Path(root)
-        """The store folder; created if missing."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """The store folder; created if missing (0700)."""
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.root / "jobs.sqlite3", check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db, damage, lost_commits = open_checked(self.root, _SCHEMA, _ADDED_COLUMNS, read_only)
+        self.damage: list[Damage] = damage + check_jobs(self, lost_commits, repair=not read_only)
+        """What opening found damaged (and repaired where it could); see backend.store_check."""
+        if read_only:
+            self._interrupted: list[str] = []
+            return
         self.purge_deleted()
         self._interrupted: list[str] = [
             row[0] for row in self._db.execute(
@@ -237,9 +297,44 @@ class JobStore:
         """Jobs left `running` by the previous process, to resume before any queued job."""
 
     def close(self) -> None:
-        """Close the database connection."""
+        """Fold the write-ahead log into the database and close the connection."""
         with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
+
+    def fold_log(self) -> None:
+        """Copy the write-ahead log into the database (run when a job ends): a log damaged later
+        can then no longer take finished jobs back."""
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction under the lock: committed at the end, rolled back on any exception, so
+        a failed write (a full disk, a damaged page) never leaves a transaction open."""
+        with self._lock:
+            if self._db.in_transaction:  # nested in a caller's transaction: it commits or rolls back
+                yield self._db
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _unlink_on_failure(self, path: Path | None) -> Iterator[None]:
+        """Remove `path` (a buffer file written for a row) when the row's transaction fails."""
+        try:
+            yield
+        except BaseException:
+            if path is not None and not self._db.in_transaction:
+                path.unlink(missing_ok=True)
+            raise
 
     # 1. Paths ------------------------------------------------------------------------------
 
@@ -264,31 +359,45 @@ class JobStore:
         params: dict[str, Any],
         inputs: Buffers,
         max_queued: int | None = None,
+        request_id: str | None = None,
     ) -> tuple[JobRecord, StoredEvent] | None:
         """Store a new job with its input buffers and its first event, `state: queued` with the
         job's `position`; None (nothing stored) if `max_queued` jobs already wait.
 
         The inputs are written before the row, so a crash never leaves a row without its files;
-        the row and its first event are stored under one lock, so the worker never sees the job
-        before its `queued` event.
+        the row and its first event are stored in one transaction, so the worker never sees the
+        job before its `queued` event. `request_id` (the client's, unique per owner) is kept for
+        `find_request`.
         """
         if max_queued is not None and self.count_queued() >= max_queued:
             return None
         job_id = new_job_id()
-        specs, data = _pack_buffers(inputs)
-        if specs:
-            write_file_atomic(self.job_dir(job_id) / "inputs.bin", data)
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO jobs (job_id, owner, kind, state, prompt, params, inputs, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, owner, kind, QUEUED, prompt, msgpack.packb(params), msgpack.packb(specs), time.time()),
-            )
-            position = self.queue_position(job_id)
-            event = self.append_event(job_id, {"event": "state", "state": QUEUED, "position": position})
-            record = self.get_job(job_id)
+        specs, chunks = _pack_buffers(inputs)
+        try:
+            nbytes = write_file_atomic(self.job_dir(job_id) / "inputs.bin", chunks) if specs else 0
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO jobs (job_id, owner, kind, state, prompt, params, inputs, created_at, request_id,"
+                    " nbytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, owner, kind, QUEUED, prompt, msgpack.packb(params), msgpack.packb(specs), time.time(),
+                     request_id, nbytes),
+                )
+                position = self.queue_position(job_id)
+                event = self.append_event(job_id, {"event": "state", "state": QUEUED, "position": position})
+                record = self.get_job(job_id)
+        except BaseException:  # nothing of a job that was not stored stays behind
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            raise
         assert record is not None
         return record, event
+
+    def find_request(self, owner: str, request_id: str) -> JobRecord | None:
+        """The job this owner submitted with this `request_id`, None if there is none."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE owner = ? AND request_id = ? AND deleted = 0", (owner, request_id)
+            ).fetchone()
+        return None if row is None else self._record(row)
 
     def get_job(self, job_id: str) -> JobRecord | None:
         """The job's record, None if there is none (or it is being deleted)."""
@@ -298,16 +407,37 @@ class JobStore:
             ).fetchone()
         return None if row is None else self._record(row)
 
-    def list_jobs(self, owner: str | None = None) -> list[JobRecord]:
-        """All jobs in submission order; only `owner`'s and everyone's ("") if owner is given."""
+    def list_jobs(self, owner: str | None = None, after: int = 0, limit: int | None = None) -> list[JobRecord]:
+        """Jobs in submission order whose `order_no` is above `after`, at most `limit` of them;
+        only `owner`'s and everyone's ("") if owner is given."""
+        query, args = "SELECT * FROM jobs WHERE deleted = 0 AND order_no > ?", [after]
+        if owner is not None:
+            query += " AND owner IN (?, '')"
+            args.append(owner)
+        query += " ORDER BY order_no LIMIT ?"
+        args.append(-1 if limit is None else limit)
         with self._lock:
-            if owner is None:
-                rows = self._db.execute("SELECT * FROM jobs WHERE deleted = 0 ORDER BY order_no").fetchall()
-            else:
-                rows = self._db.execute(
-                    "SELECT * FROM jobs WHERE deleted = 0 AND owner IN (?, '') ORDER BY order_no", (owner,)
-                ).fetchall()
+            rows = self._db.execute(query, args).fetchall()
         return [self._record(row) for row in rows]
+
+    def usage(self, owner: str) -> tuple[int, int]:
+        """(jobs, bytes) this owner keeps in the store."""
+        with self._lock:
+            count, nbytes = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM jobs WHERE owner = ? AND deleted = 0", (owner,)
+            ).fetchone()
+        return count, nbytes
+
+    def expired(self, ended_before: float) -> list[str]:
+        """Finished jobs that ended before this Unix time (the retention's candidates); a job
+        finished in a store older than the `ended_at` column counts from its submit."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id FROM jobs WHERE deleted = 0 AND state IN (?, ?, ?)"
+                " AND COALESCE(ended_at, created_at) < ?",
+                (*sorted(FINISHED_STATES), ended_before),
+            ).fetchall()
+        return [row[0] for row in rows]
 
     def load_inputs(self, job_id: str) -> Buffers:
         """The submit's buffers of a job, as they were stored."""
@@ -315,7 +445,7 @@ class JobStore:
             row = self._db.execute("SELECT inputs FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if row is None:
             raise StoreError(f"no job {job_id!r} in the store")
-        return _unpack_buffers(msgpack.unpackb(row[0]), self.job_dir(job_id) / "inputs.bin")
+        return _unpack_buffers(msgpack.unpackb(row[0]), self.job_dir(job_id) / "inputs.bin", job_id, self.root)
 
     def count_queued(self) -> int:
         """How many jobs wait in the queue (not counting a running one)."""
@@ -347,7 +477,8 @@ class JobStore:
             ).fetchone()
             if row is None:
                 return None
-            self._db.execute("UPDATE jobs SET state = ? WHERE job_id = ?", (RUNNING, row[0]))
+            with self._transaction() as db:
+                db.execute("UPDATE jobs SET state = ? WHERE job_id = ?", (RUNNING, row[0]))
             record = self.get_job(row[0])
         assert record is not None
         return record, False
@@ -363,8 +494,8 @@ class JobStore:
 
     def mark_deleted(self, job_id: str) -> None:
         """Hide a job from every query at once; `purge` removes its rows and files."""
-        with self._lock:
-            self._db.execute("UPDATE jobs SET deleted = 1 WHERE job_id = ?", (job_id,))
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET deleted = 1 WHERE job_id = ?", (job_id,))
 
     def is_deleted(self, job_id: str) -> bool:
         """True if the job was marked deleted (or is gone)."""
@@ -374,11 +505,9 @@ class JobStore:
 
     def purge(self, job_id: str) -> None:
         """Remove a job's rows and its folder."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
-            self._db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
-            self._db.execute("COMMIT")
+        with self._transaction() as db:
+            db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def purge_deleted(self) -> None:
@@ -403,10 +532,10 @@ class JobStore:
 
         Buffer files are written before the row that names them; the row, the job's `last_seq`
         (with `stage`/`step`/`steps` for listing) and, when given, its new `state` and `error`
-        change in one transaction.
+        change in one transaction. A finished state also drops the job's checkpoint.
         """
         buffers = dict(buffers or {})
-        specs, data = _pack_buffers(buffers)
+        specs, chunks = _pack_buffers(buffers)
         event_type = body.get("event")
         if not isinstance(event_type, str):
             raise StoreError(f"event body needs a string 'event' field, got {event_type!r}")
@@ -415,29 +544,41 @@ class JobStore:
             if row is None:
                 raise StoreError(f"no job {job_id!r} in the store")
             seq = row[0] + 1
-            if specs:
-                write_file_atomic(self.job_dir(job_id) / "events" / f"{seq}.bin", data)
+            path = self.job_dir(job_id) / "events" / f"{seq}.bin"
+            nbytes = write_file_atomic(path, chunks) if specs else 0
             now = time.time()
-            self._db.execute("BEGIN")
-            self._db.execute(
-                "INSERT INTO events (job_id, seq, type, body, buffers, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, seq, event_type, msgpack.packb(body), msgpack.packb(specs), now),
-            )
-            self._db.execute("UPDATE jobs SET last_seq = ? WHERE job_id = ?", (seq, job_id))
-            if state is not None:
-                self._db.execute("UPDATE jobs SET state = ?, error = ? WHERE job_id = ?", (state, error, job_id))
-            if event_type == "stage":
-                self._db.execute(
-                    "UPDATE jobs SET stage = ?, steps = ?, step = 0 WHERE job_id = ?",
-                    (body.get("stage"), body.get("steps"), job_id),
+            with self._unlink_on_failure(path if specs else None), self._transaction() as db:
+                db.execute(
+                    "INSERT INTO events (job_id, seq, type, body, buffers, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (job_id, seq, event_type, msgpack.packb(body), msgpack.packb(specs), now),
                 )
-            elif event_type == "mesh":
-                self._db.execute("UPDATE jobs SET step = ? WHERE job_id = ?", (body.get("step"), job_id))
-            self._db.execute("COMMIT")
+                db.execute("UPDATE jobs SET last_seq = ?, nbytes = nbytes + ? WHERE job_id = ?", (seq, nbytes, job_id))
+                if state is not None:
+                    ended_at = now if state in FINISHED_STATES else None
+                    db.execute("UPDATE jobs SET state = ?, error = ?, ended_at = ? WHERE job_id = ?",
+                               (state, error, ended_at, job_id))
+                if event_type == "stage":
+                    db.execute(
+                        "UPDATE jobs SET stage = ?, steps = ?, step = 0 WHERE job_id = ?",
+                        (body.get("stage"), body.get("steps"), job_id),
+                    )
+                elif event_type == "mesh":
+                    db.execute("UPDATE jobs SET step = ? WHERE job_id = ?", (body.get("step"), job_id))
+        if state in FINISHED_STATES:
+            self._checkpoint_path(job_id).unlink(missing_ok=True)
         return StoredEvent(job_id, seq, event_type, body, buffers, now)
 
+    def fail_lost(self, job_id: str, reason: str, lost: int) -> None:
+        """End `failed` a job whose newest `lost` events may have been lost to damage, without
+        reusing a seq a client may have seen: those seqs are filled with the same final event."""
+        body = {"event": "state", "state": FAILED, "error": reason}
+        with self._transaction():
+            for _ in range(lost + 1):
+                self.append_event(job_id, body, state=FAILED, error=reason)
+
     def events_after(self, job_id: str, after_seq: int, up_to_seq: int | None = None) -> list[StoredEvent]:
-        """The job's stored events with after_seq < seq (<= up_to_seq), in seq order, with buffers."""
+        """The job's stored events with after_seq < seq (<= up_to_seq), in seq order, with buffers.
+        StoreDamaged names the first event file that is missing or truncated."""
         limit = up_to_seq if up_to_seq is not None else 2**62
         with self._lock:
             rows = self._db.execute(
@@ -447,7 +588,8 @@ class JobStore:
             ).fetchall()
         events = []
         for seq, event_type, body, specs, created_at in rows:
-            buffers = _unpack_buffers(msgpack.unpackb(specs), self.job_dir(job_id) / "events" / f"{seq}.bin")
+            path = self.job_dir(job_id) / "events" / f"{seq}.bin"
+            buffers = _unpack_buffers(msgpack.unpackb(specs), path, job_id, self.root)
             events.append(StoredEvent(job_id, seq, event_type, msgpack.unpackb(body), buffers, created_at))
         return events
 
@@ -457,7 +599,7 @@ class JobStore:
         """Keep `state` as the job's newest checkpoint (replacing the previous one)."""
         if not isinstance(state, (bytes, bytearray, memoryview)):
             raise StoreError(f"checkpoint of job {job_id} must be bytes, got {type(state).__name__}")
-        write_file_atomic(self._checkpoint_path(job_id), bytes(state))
+        write_file_atomic(self._checkpoint_path(job_id), memoryview(state))
 
     def load_checkpoint(self, job_id: str) -> bytes | None:
         """The job's newest checkpoint, None if it never saved one."""
@@ -466,7 +608,9 @@ class JobStore:
 
     def save_result(self, job_id: str, glb: bytes) -> None:
         """Keep the job's final GLB."""
-        write_file_atomic(self._result_path(job_id), bytes(glb))
+        nbytes = write_file_atomic(self._result_path(job_id), memoryview(glb))
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET nbytes = nbytes + ? WHERE job_id = ?", (nbytes, job_id))
 
     def load_result(self, job_id: str) -> bytes | None:
         """The job's final GLB, None if there is none yet."""
@@ -475,11 +619,11 @@ class JobStore:
 
     # 5. Rows -> records ---------------------------------------------------------------------
 
-    def _record(self, row: tuple) -> JobRecord:
-        (_order, job_id, owner, kind, state, stage, step, steps, prompt, params, _inputs, error,
-         last_seq, created_at, _deleted) = row
+    def _record(self, row: sqlite3.Row | tuple) -> JobRecord:
+        (order_no, job_id, owner, kind, state, stage, step, steps, prompt, params, _inputs, error,
+         last_seq, created_at, _deleted, _request_id, nbytes, _ended_at) = row
         return JobRecord(
             job_id=job_id, owner=owner, kind=kind, state=state, stage=stage, step=step, steps=steps,
             prompt=prompt, params=msgpack.unpackb(params), error=error, last_seq=last_seq,
-            created_at=created_at,
+            created_at=created_at, order_no=order_no, nbytes=nbytes,
         )

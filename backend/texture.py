@@ -99,36 +99,28 @@ def unwrap(
     faces_fx3: np.ndarray | Tensor,
     texture_size: int = 1024,
     padding_texels: int = 4,
+    check_cancelled: Callable[[], None] | None = None,
 ) -> UVMesh:
     """Charts and packs UVs with xatlas; returns the split mesh with per-vertex UVs in [0, 1].
 
     The charts are packed for a `texture_size`² image with about `padding_texels` empty texels
     between them (xatlas sizes its atlas near, not exactly at, `texture_size`; its UVs are
     normalised to [0, 1] either way), so bilinear filtering of the baked texture does not mix
-    neighbouring charts.
+    neighbouring charts. xatlas runs in a worker process (`backend.uvatlas.chart`):
+    `check_cancelled` is polled while it runs and stops it by raising.
     """
-    import xatlas
+    from backend.worker import call_stoppable, never_cancelled
 
     verts = _numpy(verts_vx3).astype(np.float32)
     faces = _numpy(faces_fx3).astype(np.uint32)
     if verts.ndim != 2 or verts.shape[1] != 3 or faces.ndim != 2 or faces.shape[1] != 3 or len(faces) == 0:
         raise ValueError(f"unwrap needs verts [V, 3] and faces [F>0, 3], got {list(verts.shape)} and {list(faces.shape)}")
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(np.ascontiguousarray(verts), np.ascontiguousarray(faces))
-    pack = xatlas.PackOptions()
-    pack.resolution = texture_size
-    pack.padding = padding_texels
-    pack.bilinear = True
-    atlas.generate(xatlas.ChartOptions(), pack)
-    if atlas.atlas_count != 1:
-        raise RuntimeError(f"xatlas packed the charts into {atlas.atlas_count} atlases, expected 1")
-    vmapping, indices, uvs = atlas[0]
-    return UVMesh(
-        verts_vx3=verts[vmapping].astype(np.float32),
-        faces_fx3=indices.astype(np.int32),
-        uvs_vx2=np.clip(uvs, 0.0, 1.0).astype(np.float32),
-        vmapping_v=vmapping.astype(np.int64),
+    vmapping, indices, uvs = call_stoppable(
+        "backend.uvatlas:chart",
+        dict(verts_vx3=verts, faces_fx3=faces, texture_size=texture_size, padding_texels=padding_texels),
+        check_cancelled or never_cancelled,
     )
+    return UVMesh(verts_vx3=verts[vmapping], faces_fx3=indices, uvs_vx2=uvs, vmapping_v=vmapping)
 
 
 def _numpy(array: np.ndarray | Tensor) -> np.ndarray:
@@ -148,15 +140,37 @@ def uv_clip_coords(uvs_vx2: Tensor) -> Tensor:
     return torch.cat([xy_vx2, zeros_vx1, torch.ones_like(zeros_vx1)], dim=1)[None]
 
 
+BAKE_BAND_ROWS = 128
+"""Texture rows rasterised at once when baking: a cancel is checked between bands (and between
+colour chunks), so it takes effect within a band's time even for large textures on a CPU."""
+
+
 @torch.no_grad()
-def rasterize_uv_positions(uv_mesh: UVMesh, size: int, rasterizer, device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Surface positions behind each texel: (xyz [size, size, 3], covered [size, size] bool)."""
+def rasterize_uv_positions(uv_mesh: UVMesh, size: int, rasterizer, device: torch.device | str,
+                           check_cancelled: Callable[[], None] | None = None,
+                           band_rows: int = BAKE_BAND_ROWS) -> tuple[Tensor, Tensor]:
+    """Surface positions behind each texel: (xyz [size, size, 3], covered [size, size] bool).
+
+    The UV layout is rasterised `band_rows` rows at a time, `check_cancelled` before each band:
+    a band is the full layout with clip y stretched so that the band's rows fill the viewport,
+    which puts every texel centre where it is in the whole image.
+    """
     uvs_vx2 = torch.as_tensor(uv_mesh.uvs_vx2, dtype=torch.float32, device=device)
     verts_vx3 = torch.as_tensor(uv_mesh.verts_vx3, dtype=torch.float32, device=device)
     faces_fx3 = torch.as_tensor(uv_mesh.faces_fx3, dtype=torch.int32, device=device)
-    rast_1xhxwx4 = rasterizer.rasterize(uv_clip_coords(uvs_vx2), faces_fx3, size, size)
-    xyz_1xhxwx3 = rasterizer.interpolate(verts_vx3[None], rast_1xhxwx4, faces_fx3)
-    return xyz_1xhxwx3[0], rast_1xhxwx4[0, ..., 3] > 0
+    clip_1xvx4 = uv_clip_coords(uvs_vx2)
+    xyz_bands, covered_bands = [], []
+    for top in range(0, size, band_rows):
+        if check_cancelled is not None:
+            check_cancelled()
+        rows = min(band_rows, size - top)
+        centre_y = 1.0 - (top + 0.5 * rows) * 2.0 / size  # clip y of the band's middle
+        band_1xvx4 = clip_1xvx4.clone()
+        band_1xvx4[..., 1] = (clip_1xvx4[..., 1] - centre_y) * (size / rows)
+        rast_1xrxwx4 = rasterizer.rasterize(band_1xvx4, faces_fx3, rows, size)
+        xyz_bands.append(rasterizer.interpolate(verts_vx3[None], rast_1xrxwx4, faces_fx3)[0])
+        covered_bands.append(rast_1xrxwx4[0, ..., 3] > 0)
+    return torch.cat(xyz_bands), torch.cat(covered_bands)
 
 
 @torch.no_grad()
@@ -168,6 +182,7 @@ def bake_texture(
     device: torch.device | str,
     padding_px: int = 8,
     chunk: int = 65536,
+    check_cancelled: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """Bake `color_fn(points_nx3) -> rgb_nx3 in [0, 1]` into a uint8 [size, size, 3] texture.
 
@@ -175,13 +190,20 @@ def bake_texture(
     2. evaluate `color_fn` there, in chunks;
     3. pad the charts outward by `padding_px` texels (iterative dilation) so bilinear filtering
        and mipmaps do not pull in background, then fill what is left with the mean colour.
+
+    `check_cancelled` is called between raster bands and colour chunks, and stops the bake by
+    raising.
     """
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
-    xyz_hxwx3, covered_hxw = rasterize_uv_positions(uv_mesh, size, rasterizer, device)
+    xyz_hxwx3, covered_hxw = rasterize_uv_positions(uv_mesh, size, rasterizer, device, check_cancelled)
     rgb_hxwx3 = torch.zeros(size, size, 3, dtype=torch.float32, device=device)
     points_nx3 = xyz_hxwx3[covered_hxw]
-    colors = [color_fn(points_nx3[start : start + chunk]).float() for start in range(0, len(points_nx3), chunk)]
+    colors = []
+    for start in range(0, len(points_nx3), chunk):
+        if check_cancelled is not None:
+            check_cancelled()
+        colors.append(color_fn(points_nx3[start : start + chunk]).float())
     if colors:
         rgb_hxwx3[covered_hxw] = torch.cat(colors).clamp(0.0, 1.0)
     rgb_hxwx3 = pad_charts(rgb_hxwx3, covered_hxw, padding_px)

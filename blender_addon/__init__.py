@@ -7,6 +7,27 @@ Blender; `register()` imports the Blender layer.
 
 from __future__ import annotations
 
+PYTHONS = ("3.11", "3.13")
+"""The Pythons the extension bundles pyzmq and msgpack wheels for (`build.py addon` reads this):
+3.11 is Blender 4.2 to 5.0's, 3.13 is Blender 5.1 and later's."""
+
+
+def unsupported() -> str | None:
+    """Why this Blender cannot run the add-on (its bundled wheels do not fit its Python), or None."""
+    import sys
+
+    import bpy
+
+    try:
+        import msgpack  # noqa: F401  (the bundled wheels Blender installed for this Python)
+        import zmq  # noqa: F401
+    except ImportError as exc:
+        python = ".".join(str(part) for part in sys.version_info[:2])
+        return (f"Dreamloom cannot start in Blender {bpy.app.version_string} (Python {python}): no module "
+                f"{exc.name}; this build's pyzmq and msgpack wheels are for Python {' and '.join(PYTHONS)} "
+                f"(Blender 4.2 to 5.x); install a Dreamloom zip made for this Blender")
+    return None
+
 
 def _classes() -> tuple[type, ...]:
     """Every class the add-on registers, in registration order."""
@@ -30,6 +51,8 @@ def pump() -> int:
 
 
 def register() -> None:
+    if (problem := unsupported()) is not None:
+        raise RuntimeError(problem)  # before anything registers; Blender reports this one line
     import bpy
 
     from . import operators, properties, runtime
@@ -53,6 +76,7 @@ def unregister() -> None:
         bpy.app.handlers.load_post.remove(_on_load_post)
     runtime.stop_local_backend()
     runtime.close_session()
+    runtime.STATE.queue.close()
     properties.detach()
     for cls in reversed(_classes()):
         bpy.utils.unregister_class(cls)

@@ -3,12 +3,15 @@
 Scripting entry points (they work in background Blender and the bpy module):
 `bpy.ops.dreamloom.generate(prompt=..., image_path=..., quality=..., seed=..., steps="coarse=N,...")`,
 `bpy.ops.dreamloom.refine_texture(prompt=...)`, `bpy.ops.dreamloom.cancel()`,
+`bpy.ops.dreamloom.import_result(job_id=...)`,
 `bpy.ops.dreamloom.sync(timeout=SECONDS)`. An error is reported as ERROR, which a script sees as a
 RuntimeError carrying the message and the field.
 """
 
 from __future__ import annotations
 
+import json
+import random
 import time
 from pathlib import Path
 
@@ -53,23 +56,42 @@ def clear_error(scene: bpy.types.Scene) -> None:
     scene.dreamloom.last_error_field = ""
 
 
-def reference_image_png(settings, image_path: str) -> bytes | None:
-    """The reference image's file bytes: operator path, else the panel's datablock, else its file."""
+def reference_image_png(settings, image_path: str) -> tuple[bytes | None, str]:
+    """The reference image as PNG (operator path, else the panel's datablock, else its file)
+    within the backend's size limit, and a note when it had to be converted or downscaled."""
     path = image_path or ("" if settings.image else settings.image_path)
     if path:
         file = Path(bpy.path.abspath(path))
         if not file.is_file():
             raise core_settings.SettingsError("image_path", f"image_path {path!r} is not a file")
-        return file.read_bytes()
-    image = settings.image
+        data = file.read_bytes()
+        try:  # a PNG or JPEG within the limits goes as it is
+            _protocol.params.validate_submit("generate", {}, {"image": data})
+            return data, ""
+        except _protocol.ProtocolError:
+            pass
+        try:
+            image = bpy.data.images.load(str(file), check_existing=True)
+        except RuntimeError as exc:
+            raise core_settings.SettingsError("image_path", f"image_path {path!r} is not an image Blender can read: {exc}") from exc
+    else:
+        image = settings.image
     if image is None:
-        return None
-    if image.packed_file is not None:
-        return bytes(image.packed_file.data)
-    file = Path(bpy.path.abspath(image.filepath)) if image.filepath else None
-    if file is not None and file.is_file() and file.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        return file.read_bytes()
-    raise core_settings.SettingsError("image", f"reference image {image.name!r} has no PNG or JPEG file to send")
+        return None, ""
+    png, note = importer.reference_png(image, _protocol.params.MAX_IMAGE_SIDE)
+    if png is None:
+        raise core_settings.SettingsError("image", f"reference image {image.name!r} holds no pixels to send")
+    return png, note
+
+
+def placement(context: bpy.types.Context) -> tuple[float, float, float]:
+    """Where the panel's Place At puts a new result: origin, 3D cursor, or the active object."""
+    mode = context.scene.dreamloom.placement
+    if mode == "CURSOR":
+        return tuple(context.scene.cursor.location)
+    if mode == "SELECTION" and context.active_object is not None:
+        return tuple(context.active_object.matrix_world.translation)
+    return (0.0, 0.0, 0.0)
 
 
 def ensure_timer() -> None:
@@ -109,19 +131,26 @@ class DREAMLOOM_OT_generate(Operator):
             job.prompt = self.prompt or job.prompt
             job.quality = job.quality if self.quality == "PANEL" else self.quality
             job.seed = job.seed if self.seed < 0 else self.seed
+            if scene.dreamloom.random_seed and self.seed < 0:
+                job.seed = scene.dreamloom.seed = random.randint(0, 2**31 - 1)
             if self.steps:
                 job.steps = core_settings.parse_steps(self.steps)
             # 2. Validate with the protocol's own rules.
-            params = core_settings.generate_params(job)
-            image = reference_image_png(scene.dreamloom, self.image_path)
+            image, note = reference_image_png(scene.dreamloom, self.image_path)
+            params = core_settings.generate_params(job, has_image=image is not None)
             buffers = {"image": image} if image is not None else {}
             _protocol.params.validate_submit("generate", params, buffers)
             # 3. Act.
-            runtime.session().submit("generate", params, buffers, context={"scene": scene.name})
+            runtime.session().submit("generate", params, buffers, context={
+                "scene": scene.name, "params": params, "place_at": placement(context),
+                "target_size": scene.dreamloom.target_size})
         except USER_ERRORS as exc:
             return fail(self, exc)
         ensure_timer()
-        self.report({"INFO"}, f"Dreamloom: sent '{params['prompt'][:40]}' to {preferences.get().backend_address}")
+        if note:
+            self.report({"INFO"}, f"Dreamloom: {note}")
+        what = params["prompt"][:40] or "the reference image"
+        self.report({"INFO"}, f"Dreamloom: sent '{what}' to {preferences.get().backend_address}")
         return {"FINISHED"}
 
 
@@ -145,40 +174,51 @@ class DREAMLOOM_OT_refine_texture(Operator):
             job.prompt = self.prompt or job.prompt
             job.steps = core_settings.parse_steps(self.steps) if self.steps else {
                 k: v for k, v in job.steps.items() if k == "texture"}
-            # 2. Validate: the mesh, then the params and buffers.
-            split, texture = importer.export_for_refine(obj, context.evaluated_depsgraph_get())
-            params = core_settings.refine_params(job)
-            buffers = {"positions": split.positions_nx3, "faces": split.faces_mx3}
-            if split.uvs_nx2 is not None:
-                buffers["uvs"] = split.uvs_nx2
-            if texture is not None:
-                buffers["texture"] = texture
-            image = reference_image_png(scene.dreamloom, "")
-            if image is not None:
-                buffers["image"] = image
-            _protocol.params.validate_submit("refine_texture", params, buffers)
+            # 2. Validate the params; read the mesh (its split by UV and the buffers' checks run
+            # on the worker thread, and the job is sent once they are done).
+            image, note = reference_image_png(scene.dreamloom, "")
+            params = core_settings.refine_params(job, has_image=image is not None)
+            export = importer.export_for_refine(obj, context.evaluated_depsgraph_get())
             # 3. Act.
-            runtime.session().submit(
-                "refine_texture", params, buffers, context={"scene": scene.name, "object_name": obj.name}
+            runtime.submit_prepared(
+                "refine_texture", params, lambda: refine_buffers(export, image),
+                context={"scene": scene.name, "object_name": obj.name},
             )
         except USER_ERRORS as exc:
             return fail(self, exc)
         ensure_timer()
-        self.report({"INFO"}, f"Dreamloom: sent {obj.name!r} ({len(split.faces_mx3)} triangles) to refine its texture")
+        if note:
+            self.report({"INFO"}, f"Dreamloom: {note}")
+        self.report({"INFO"}, f"Dreamloom: sending {obj.name!r} ({len(export.tri_polys_t)} triangles) to refine its texture")
         return {"FINISHED"}
 
 
+def refine_buffers(export: importer.RefineExport, image: bytes | None) -> dict:
+    """The `refine_texture` buffers (on the worker thread): the mesh split by UV, its texture,
+    the reference image."""
+    split = export.split()
+    buffers = {"positions": split.positions_nx3, "faces": split.faces_mx3}
+    if split.uvs_nx2 is not None:
+        buffers["uvs"] = split.uvs_nx2
+    if export.texture_png is not None:
+        buffers["texture"] = export.texture_png
+    if image is not None:
+        buffers["image"] = image
+    return buffers
+
+
 def active_job(scene: bpy.types.Scene, job_id: str):
-    """The job item named by `job_id`, else the newest unfinished one."""
+    """The job item named by `job_id`, else the running one, else the newest queued one."""
     jobs = scene.dreamloom.jobs
     if job_id:
         item = scene.dreamloom.job(job_id)
         if item is None:
             raise ValueError(f"job_id {job_id!r} is not a job of this scene")
         return item
-    for item in reversed(jobs):
-        if item.state not in ("done", "failed", "cancelled"):
-            return item
+    unfinished = [item for item in jobs if item.state not in runtime.FINISHED_STATES]
+    running = [item for item in unfinished if item.state == "running"]
+    if running or unfinished:
+        return (running or unfinished)[-1]
     raise ValueError("there is no running job to cancel")
 
 
@@ -292,6 +332,68 @@ class DREAMLOOM_OT_delete_job(Operator):
         return {"FINISHED"}
 
 
+class DREAMLOOM_OT_import_result(Operator):
+    """Bring a done job's final mesh (its GLB) into the scene as a new object"""
+
+    bl_idname = "dreamloom.import_result"
+    bl_label = "Import Result"
+
+    job_id: StringProperty(name="Job ID", description="Empty: the newest done job of this scene")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = context.scene
+        try:
+            job_id = self.job_id or next(
+                (j.job_id for j in reversed(scene.dreamloom.jobs) if j.state == "done" and j.kind == "generate"), "")
+            if not job_id:
+                raise ValueError("job_id is empty and this scene has no done generate job")
+            runtime.session().get_result(job_id, context={"import": True, "scene": scene.name})
+        except USER_ERRORS as exc:
+            return fail(self, exc)
+        ensure_timer()
+        return {"FINISHED"}
+
+
+class DREAMLOOM_OT_detach_copy(Operator):
+    """Freeze a copy of a job's object for editing while the job streams on into the original"""
+
+    bl_idname = "dreamloom.detach_copy"
+    bl_label = "Detach Copy"
+
+    job_id: StringProperty(name="Job ID", description="Empty: the job of the active object")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        try:
+            job_id = self.job_id or (context.active_object.get(importer.JOB_ID_PROP, "") if context.active_object else "")
+            obj = importer.find_object(job_id) if job_id else None
+            if obj is None:
+                raise ValueError(f"job_id {job_id!r} has no object in the scene: select a streamed object")
+            copy = importer.detached_copy(obj)
+        except USER_ERRORS as exc:
+            return fail(self, exc)
+        self.report({"INFO"}, f"Dreamloom: {copy.name!r} is a frozen copy of {obj.name!r}")
+        return {"FINISHED"}
+
+
+class DREAMLOOM_OT_recall_job(Operator):
+    """Put a past job's settings back into the panel"""
+
+    bl_idname = "dreamloom.recall_job"
+    bl_label = "Recall Settings"
+
+    job_id: StringProperty(name="Job ID")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        try:
+            item = context.scene.dreamloom.job(self.job_id)
+            if item is None or not item.params_json:
+                raise ValueError(f"job_id {self.job_id!r} has no recorded settings in this scene")
+            context.scene.dreamloom.recall(json.loads(item.params_json))
+        except USER_ERRORS as exc:
+            return fail(self, exc)
+        return {"FINISHED"}
+
+
 class DREAMLOOM_OT_test_connection(Operator):
     """Connect to the backend anew; its device and models show below once it answers"""
 
@@ -363,6 +465,9 @@ CLASSES = (
     DREAMLOOM_OT_refresh_jobs,
     DREAMLOOM_OT_attach_job,
     DREAMLOOM_OT_delete_job,
+    DREAMLOOM_OT_import_result,
+    DREAMLOOM_OT_detach_copy,
+    DREAMLOOM_OT_recall_job,
     DREAMLOOM_OT_test_connection,
     DREAMLOOM_OT_make_client_keys,
     DREAMLOOM_OT_start_backend,

@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import bpy
 from bpy.types import Panel
 
 from . import runtime
 
 FINISHED = ("done", "failed", "cancelled")
+
+
+@dataclass
+class JobRow:
+    """What the panel shows for one unfinished job."""
+
+    job_id: str
+    """The job."""
+    title: str
+    """Prompt and state."""
+    status: str
+    """Stage and step, or what it waits for."""
+    factor: float
+    """Progress in the stage, 0 to 1."""
+    note: str
+    """Why an update waits, or that the backend is unreachable ("" when all is well)."""
+    running: bool
+    """True for the job the backend runs now (it gets the preview)."""
+
+
+def job_rows(settings) -> list[JobRow]:
+    """One row per unfinished job of the scene, oldest first; a queued job names the one ahead."""
+    active = [job for job in settings.jobs if job.state not in FINISHED]
+    running = [job for job in active if job.state == "running"]
+    ahead = running[0].prompt if running else next(
+        (row.prompt for row in settings.server_jobs if row.state == "running"), "")
+    rows = []
+    for job in active:
+        what = job.prompt[:40] or job.job_id[:8]
+        if job.state == "queued":
+            behind = f"behind '{ahead[:30]}'" if ahead else f"position {job.position}"
+            status, factor = f"queued {behind}", 0.0
+        else:
+            status = f"{job.stage or 'waiting'} {job.step}/{job.steps}{eta_text(job.eta_s)}"
+            factor = job.step / job.steps if job.steps else 0.0
+        rows.append(JobRow(job.job_id, f"{what} ({job.state})", status, factor, job.note, job.state == "running"))
+    return rows
 
 
 def eta_text(seconds: float) -> str:
@@ -50,9 +89,14 @@ class DREAMLOOM_PT_main(Panel):
         row = layout.row(align=True)
         row.prop(settings, "quality", text="")
         row.prop(settings, "texture_size", text="")
+        row.prop(settings, "target_faces")
         row = layout.row(align=True)
         row.prop(settings, "seed")
+        row.prop(settings, "random_seed", text="Random", icon="FILE_REFRESH")
         row.prop(settings, "steps", text="", placeholder="steps: coarse=N,...")
+        row = layout.row(align=True)
+        row.prop(settings, "placement", text="")
+        row.prop(settings, "target_size")
         layout.operator("dreamloom.generate", icon="PLAY")
         # 4. The running job.
         self.draw_progress(layout, settings)
@@ -67,22 +111,22 @@ class DREAMLOOM_PT_main(Panel):
         row = layout.row()
         row.enabled = context.active_object is not None and context.active_object.type == "MESH"
         row.operator("dreamloom.refine_texture", icon="TEXTURE")
+        layout.prop(settings, "refine_slots", text="Slots")
 
     def draw_progress(self, layout: bpy.types.UILayout, settings) -> None:
-        jobs = settings.jobs
-        running = [j for j in jobs if j.state not in FINISHED]
-        if not running:
-            return
-        job = running[-1]
-        box = layout.box()
-        box.label(text=f"{job.prompt[:40]} ({job.state})", icon="TIME")
-        factor = job.step / job.steps if job.steps else 0.0
-        box.progress(factor=factor, type="BAR", text=f"{job.stage or 'waiting'} {job.step}/{job.steps}{eta_text(job.eta_s)}")
-        preview = bpy.data.images.get(runtime.PREVIEW_IMAGE_NAME)
-        if preview is not None:
-            preview.preview_ensure()
-            box.template_icon(icon_value=preview.preview.icon_id, scale=8.0)
-        box.operator("dreamloom.cancel", icon="CANCEL").job_id = job.job_id
+        for row in job_rows(settings):
+            box = layout.box()
+            box.label(text=row.title, icon="TIME")
+            box.progress(factor=row.factor, type="BAR", text=row.status)
+            if row.note:
+                box.label(text=row.note[:200], icon="INFO")
+            preview = bpy.data.images.get(runtime.PREVIEW_IMAGE_NAME) if row.running else None
+            if preview is not None:
+                preview.preview_ensure()
+                box.template_icon(icon_value=preview.preview.icon_id, scale=8.0)
+            buttons = box.row(align=True)
+            buttons.operator("dreamloom.cancel", icon="CANCEL").job_id = row.job_id
+            buttons.operator("dreamloom.detach_copy", icon="DUPLICATE").job_id = row.job_id
 
 
 class DREAMLOOM_PT_jobs(Panel):
@@ -99,6 +143,10 @@ class DREAMLOOM_PT_jobs(Panel):
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
         settings = context.scene.dreamloom
+        for job in settings.jobs:
+            row = layout.row(align=True)
+            row.label(text=f"{job.prompt[:28] or job.job_id[:8]}: {job.state}", icon="OUTLINER_OB_MESH")
+            row.operator("dreamloom.recall_job", text="", icon="RECOVER_LAST").job_id = job.job_id
         layout.operator("dreamloom.refresh_jobs", icon="FILE_REFRESH")
         followed = {j.job_id for j in settings.jobs}
         for row_data in settings.server_jobs:
@@ -108,6 +156,8 @@ class DREAMLOOM_PT_jobs(Panel):
                 label += f" {row_data.stage} {row_data.step}/{row_data.steps}"
             row.label(text=label, icon="CHECKMARK" if row_data.job_id in followed else "DOT")
             row.operator("dreamloom.attach_job", text="", icon="LINKED").job_id = row_data.job_id
+            if row_data.state == "done" and row_data.kind == "generate":
+                row.operator("dreamloom.import_result", text="", icon="IMPORT").job_id = row_data.job_id
             row.operator("dreamloom.delete_job", text="", icon="TRASH").job_id = row_data.job_id
 
 

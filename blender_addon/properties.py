@@ -43,6 +43,14 @@ class DreamloomJobItem(PropertyGroup):
     last_seq: IntProperty(name="Last Seq", description="The seq of the last event applied to the scene")
     object_name: StringProperty(name="Object", description="The object this job writes into")
     error: StringProperty(name="Error", description="The server's message when the job failed")
+    note: StringProperty(name="Note", description="Why an update waits, or that the backend is unreachable")
+    position: IntProperty(name="Queue Position", description="Jobs ahead of this one while it is queued")
+    detached: BoolProperty(
+        name="Detached", description="The job's object was deleted: its meshes no longer go into the scene"
+    )
+    place_at: FloatVectorProperty(name="Place At", size=3, subtype="TRANSLATION", description="Where the object lands")
+    target_size: FloatProperty(name="Size", default=0.0, description="Longest side of the first mesh (0: as generated)")
+    params_json: StringProperty(name="Settings", description="The params the job was sent with (JSON), to recall them")
 
 
 class DreamloomServerJob(PropertyGroup):
@@ -87,9 +95,39 @@ class DreamloomSettings(PropertyGroup):
     reference_fov: FloatProperty(name="Field of View", default=20.0, min=1.0, max=120.0, description="Reference view field of view")
     quality: EnumProperty(name="Quality", items=QUALITY_ITEMS, default="standard", description="Steps per stage")
     seed: IntProperty(name="Seed", default=0, min=0, max=2**31 - 1, description="Random seed")
+    random_seed: BoolProperty(
+        name="Random Seed", default=False, description="Draw a new seed for every job (the drawn one shows in Seed)"
+    )
     texture_size: EnumProperty(name="Texture Size", items=TEXTURE_SIZE_ITEMS, default="1024", description="Texture edge")
+    target_faces: IntProperty(
+        name="Faces", default=50_000, min=0, soft_max=500_000, step=1000,
+        description="Face budget of the generated mesh (0 keeps every face; under 500 is raised to 500)",
+    )
     steps: StringProperty(
         name="Steps", description='Per-stage overrides, e.g. "coarse=500,geometry=200,texture=200" (empty: by quality)'
+    )
+    refine_slots: EnumProperty(
+        name="Refine Slots",
+        items=[
+            ("ALL", "All Slots", "The refined material goes into every material slot (the old materials stay in the file)"),
+            ("ACTIVE", "Active Slot", "Only the active material slot gets the refined material"),
+        ],
+        default="ALL",
+        description="Which material slots Refine Texture replaces",
+    )
+    placement: EnumProperty(
+        name="Place At",
+        items=[
+            ("ORIGIN", "Origin", "The result lands at the world origin"),
+            ("CURSOR", "3D Cursor", "The result lands at the 3D cursor"),
+            ("SELECTION", "Selection", "The result takes the active object's place"),
+        ],
+        default="ORIGIN",
+        description="Where a generated object lands",
+    )
+    target_size: FloatProperty(
+        name="Size", default=0.0, min=0.0, max=1000.0, unit="LENGTH",
+        description="Scale the object so its first mesh is this long along its longest side (0: as generated)",
     )
     show_camera: BoolProperty(name="Camera", default=False, description="Show the camera ranges")
     jobs: CollectionProperty(type=DreamloomJobItem, name="Jobs")
@@ -105,6 +143,20 @@ class DreamloomSettings(PropertyGroup):
             if item.job_id == job_id:
                 return item
         return None
+
+    def recall(self, params: dict) -> None:
+        """Put a past job's params back into the panel."""
+        self.prompt, self.negative_prompt = params.get("prompt", ""), params.get("negative_prompt", "")
+        self.quality, self.seed = params.get("quality", "standard"), int(params.get("seed", 0))
+        self.texture_size = str(params.get("texture_size", 1024))
+        self.steps = ",".join(f"{stage}={count}" for stage, count in (params.get("steps") or {}).items())
+        camera = params.get("camera") or {}
+        for name in ("elevation", "azimuth", "distance", "fov"):
+            key = "distance" if name == "distance" else f"{name}_deg"
+            if key in camera:
+                setattr(self, f"{name}_range", camera[key])
+            if key in (camera.get("reference") or {}):
+                setattr(self, f"reference_{name}", camera["reference"][key])
 
     def to_job_settings(self) -> core_settings.JobSettings:
         """The panel's values as the core's typed settings (steps parsed)."""
@@ -125,6 +177,7 @@ class DreamloomSettings(PropertyGroup):
             quality=self.quality,
             seed=self.seed,
             texture_size=int(self.texture_size),
+            target_faces=self.target_faces,
             steps=core_settings.parse_steps(self.steps),
         )
 

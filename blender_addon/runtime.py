@@ -2,19 +2,25 @@
 
 `pump()` runs on Blender's main thread only: from a timer in the UI, from
 `bpy.ops.dreamloom.sync` in background Blender and the bpy module (where timers never fire). It
-reads what the socket has (never waits), applies job events to the scene in seq order, and
-records errors for the panel and for reports.
+reads what the socket has (never waits), queues job events, and applies each job's events in seq
+order once their meshes are prepared (on a worker thread) and the scene can take them; `seq`
+advances only over events applied. A backend that stops answering makes the jobs say "backend
+unreachable, retrying" while the session reconnects with backoff and catches up by itself.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 
 import bpy
 
 from . import importer, preferences
 from .core import _protocol
+from .core import mesh as core_mesh
+from .core.jobs import ApplyQueue, PendingEvent
 from .core.local_backend import LocalBackend
 from .core.session import (
     ClientSession,
@@ -33,7 +39,16 @@ TIMER_IDLE_S = 1.0
 LOCAL_START_TIMEOUT_S = 180.0
 """How long `hello` may wait for a local backend that was just started (it loads its models)."""
 PREVIEW_IMAGE_NAME = "Dreamloom Preview"
-"""The image datablock the panel shows the newest preview in."""
+"""The image datablock the panel shows the newest preview in; each job's is this name plus its id."""
+RETRY_FIRST_S = 1.0
+"""Seconds before the first reconnect attempt once the backend stopped answering."""
+RETRY_MAX_S = 15.0
+"""The longest wait between reconnect attempts (the wait doubles each time up to this)."""
+RETRY_HELLO_TIMEOUT_S = 3.0
+"""How long a reconnect attempt's `hello` waits."""
+UNREACHABLE_NOTE = "backend unreachable, retrying"
+"""What a job's row says while the backend does not answer."""
+FINISHED_STATES = ("done", "failed", "cancelled")
 
 
 @dataclass
@@ -53,8 +68,22 @@ class Problem:
 
 
 @dataclass
+class Outgoing:
+    """A submit waiting for its buffers from the worker thread."""
+
+    kind: str
+    """The job kind."""
+    params: dict
+    """The checked params."""
+    buffers: Future
+    """The worker's buffers dict (or its error)."""
+    context: dict
+    """The submit's context (scene, object name)."""
+
+
+@dataclass
 class _State:
-    """Module state: one session, one local backend, errors not yet reported."""
+    """Module state: one session, one local backend, waiting events, errors not yet reported."""
 
     session: ClientSession | None = None
     """The open connection, or None."""
@@ -62,6 +91,14 @@ class _State:
     """The backend process this Blender started, or None."""
     reattach_needed: bool = True
     """Set at register and on file load: the next pump follows the scene's unfinished jobs."""
+    queue: ApplyQueue = field(default_factory=ApplyQueue)
+    """Events received and not yet applied, per job."""
+    outgoing: list[Outgoing] = field(default_factory=list)
+    """Submits whose buffers the worker is still building."""
+    retry_at: float | None = None
+    """time.monotonic() of the next reconnect attempt while the backend is unreachable, else None."""
+    retry_delay_s: float = RETRY_FIRST_S
+    """The wait before the attempt after next."""
     problems: list[Problem] = field(default_factory=list)
     """Errors not yet reported by an operator."""
     notes: list[str] = field(default_factory=list)
@@ -78,8 +115,14 @@ def session() -> ClientSession:
     """The open session, opened (and `hello` sent) when there is none. Raises SessionError."""
     if STATE.session is None:
         prefs = preferences.get()
-        timeout_s = prefs.request_timeout
-        if prefs.backend_mode == "LOCAL" and prefs.backend_project_dir:
+        timeout_s = RETRY_HELLO_TIMEOUT_S if STATE.retry_at is not None else prefs.request_timeout
+        if prefs.backend_mode == "LOCAL":
+            if not prefs.backend_project_dir.strip():
+                raise SessionError(
+                    "backend_project_dir",
+                    "Local mode starts the backend from the Dreamloom project folder, and Project Folder "
+                    "is empty: set it in the add-on's preferences, or choose Remote",
+                )
             local = start_local_backend()
             starting_for_s = time.monotonic() - local.started_at
             timeout_s = max(timeout_s, LOCAL_START_TIMEOUT_S - starting_for_s)
@@ -89,16 +132,24 @@ def session() -> ClientSession:
 
 
 def close_session() -> None:
-    """Close the socket; the next action opens a new one (and re-attaches the scene's jobs)."""
+    """Close the socket and forget waiting events; the next action opens a new session and
+    re-attaches the scene's jobs from their last applied seq (the server sends the rest again)."""
     if STATE.session is not None:
         STATE.session.close()
         STATE.session = None
+    STATE.queue.clear()
     STATE.reattach_needed = True
 
 
 def busy() -> bool:
-    """True while a request waits for its reply or a followed job runs."""
-    return STATE.session is not None and STATE.session.busy
+    """True while a request waits, a followed job runs, an update waits or a reconnect is due."""
+    return ((STATE.session is not None and STATE.session.busy) or bool(STATE.queue) or bool(STATE.outgoing)
+            or STATE.retry_at is not None)
+
+
+def unfinished_items() -> list:
+    """Every job row, in every scene, whose job has not ended."""
+    return [item for scene in bpy.data.scenes for item in scene.dreamloom.jobs if item.state not in FINISHED_STATES]
 
 
 def welcome_lines() -> list[str]:
@@ -108,6 +159,31 @@ def welcome_lines() -> list[str]:
         return []
     models = ", ".join(f"{role}: {name}" for role, name in sorted((welcome.get("models") or {}).items()))
     return [f"Backend {welcome.get('server_version', '?')} on {welcome.get('device', '?')}", f"Models: {models or 'none'}"]
+
+
+def schedule_reconnect(reason: str) -> None:
+    """The backend stopped answering: close the session, say so on each job, retry later."""
+    first = STATE.retry_at is None
+    close_session()
+    STATE.reattach_needed = False
+    delay_s = RETRY_FIRST_S if first else STATE.retry_delay_s
+    STATE.retry_at = time.monotonic() + delay_s
+    STATE.retry_delay_s = min(2.0 * delay_s, RETRY_MAX_S)
+    for item in unfinished_items():
+        item.note = f"{UNREACHABLE_NOTE} (next try in {delay_s:.0f} s)"
+    if first:
+        record_problem(Problem(f"{reason}; retrying by itself", "backend_address"))
+
+
+def reconnected() -> None:
+    """The backend answered again: clear the jobs' notes."""
+    if STATE.retry_at is None:
+        return
+    STATE.retry_at, STATE.retry_delay_s = None, RETRY_FIRST_S
+    for item in unfinished_items():
+        if item.note.startswith(UNREACHABLE_NOTE):
+            item.note = ""
+    STATE.notes.append("reconnected to the backend")
 
 
 # 2. Local backend -----------------------------------------------------------------------------------
@@ -139,7 +215,14 @@ def check_local_backend() -> None:
     if local is None or local.running or STATE.session is None or not STATE.session.pending:
         return
     tail = " | ".join(local.log_tail(3))
-    record_problem(Problem(f"the local backend exited with status {local.exit_code}: {tail}", "backend_python"))
+    if "CUDA" in tail:
+        record_problem(Problem(
+            f"the local backend found no CUDA GPU on this computer ({tail}); to try the add-on without one, "
+            "set Device to CPU with the Tiny models (`--device cpu`), or use a Remote backend on a GPU box",
+            "backend_device",
+        ))
+    else:
+        record_problem(Problem(f"the local backend exited with status {local.exit_code}: {tail}", "backend_python"))
     close_session()
     STATE.reattach_needed = False
 
@@ -164,14 +247,15 @@ def local_backend_log(lines: int) -> list[str]:
 def pump(max_messages: int = 64) -> int:
     """Apply what the backend sent since the last call; returns the number of updates handled."""
     try:
+        if STATE.retry_at is not None and STATE.session is None and time.monotonic() >= STATE.retry_at:
+            STATE.reattach_needed = True
         if STATE.reattach_needed:
             reattach()
-        if STATE.session is None:
-            return 0
-        check_local_backend()
-        if STATE.session is None:
-            return 0
-        updates = STATE.session.poll(max_messages)
+        updates = []
+        if STATE.session is not None:
+            check_local_backend()
+        if STATE.session is not None:
+            updates = STATE.session.poll(max_messages)
     except SessionError as exc:
         record_problem(Problem(str(exc), exc.field))
         return 0
@@ -183,9 +267,32 @@ def pump(max_messages: int = 64) -> int:
             dispatch(update)
         except Exception as exc:  # one bad update must not stop the others
             record_problem(Problem(f"could not apply {type(update).__name__}: {exc}"))
-    if updates:
+    applied = apply_waiting() + send_prepared()
+    if updates or applied:
         _redraw()
-    return len(updates)
+    return len(updates) + applied
+
+
+def submit_prepared(kind: str, params: dict, make_buffers, context: dict) -> None:
+    """Submit once `make_buffers()` has built the buffers on the worker thread (a pump sends it)."""
+    session()  # a connection problem is reported now, by the operator
+    STATE.outgoing.append(Outgoing(kind, params, STATE.queue.run(make_buffers), context))
+
+
+def send_prepared() -> int:
+    """Send the submits whose buffers are ready (checked by the protocol's rules first)."""
+    sent = 0
+    for outgoing in [o for o in STATE.outgoing if o.buffers.done()]:
+        STATE.outgoing.remove(outgoing)
+        try:
+            buffers = outgoing.buffers.result()
+            _protocol.params.validate_submit(outgoing.kind, outgoing.params, buffers)
+            session().submit(outgoing.kind, outgoing.params, buffers, context=outgoing.context)
+        except (core_mesh.MeshDataError, _protocol.ProtocolError, SessionError, ValueError, CancelledError) as exc:
+            field_name = getattr(exc, "field", "") or ""
+            record_problem(Problem(f"{outgoing.kind}: {getattr(exc, 'message', None) or exc}", field_name))
+        sent += 1
+    return sent
 
 
 def timer() -> float:
@@ -211,18 +318,20 @@ def popup_problems(window, problems: list[Problem]) -> None:
 def reattach() -> None:
     """Follow again every unfinished job of every scene, from its last applied seq."""
     STATE.reattach_needed = False
-    unfinished = [(scene, item) for scene in bpy.data.scenes for item in scene.dreamloom.jobs
-                  if item.state not in ("done", "failed", "cancelled")]
-    if not unfinished:
+    unfinished = unfinished_items()
+    if not unfinished and STATE.retry_at is None:
         return
     client = session()
     client.list_jobs()
-    for _scene, item in unfinished:
+    for item in unfinished:
         client.follow(item.job_id, item.last_seq, item.kind, item.prompt)
 
 
 def record_problem(problem: Problem) -> None:
-    """Show the problem in every scene's panel and keep it for the next report."""
+    """Show the problem in every scene's panel and keep it for the next report (once while it
+    is not reported yet)."""
+    if any(p.text() == problem.text() for p in STATE.problems):
+        return
     STATE.problems.append(problem)
     for scene in bpy.data.scenes:
         scene.dreamloom.last_error = problem.message
@@ -246,9 +355,9 @@ def take_notes() -> list[str]:
 
 
 def dispatch(update: Update) -> None:
-    """Apply one update from the session to the scene."""
+    """Take one update from the session: events are queued, the rest applied at once."""
     if isinstance(update, JobEvent):
-        apply_event(update)
+        queue_event(update)
     elif isinstance(update, JobProgress):
         apply_progress(update)
     elif isinstance(update, RequestDone):
@@ -275,35 +384,107 @@ def add_job_item(scene: bpy.types.Scene, job_id: str, kind: str, prompt: str, ob
     return item
 
 
-def apply_event(update: JobEvent) -> None:
-    """Apply one job event (in seq order) and record its seq on the job and its object."""
-    scene, item = find_job(update.job.job_id)
+def queue_event(update: JobEvent) -> None:
+    """Queue a job event; a mesh the scene will take starts being prepared on the worker."""
+    _scene, item = find_job(update.job.job_id)
     if item is None:
         return  # a job deleted from the scene while events were on their way
     body = update.message.body
-    kind = body.get("event")
-    if kind == "mesh":
+    prepare = None
+    if body.get("event") == "mesh":
         if item.kind == "refine_texture":
-            obj = bpy.data.objects.get(item.object_name)
-            if obj is None:
-                raise ValueError(f"refine target object {item.object_name!r} is gone")
-            if body.get("final"):
-                importer.apply_refine_result(obj, item, update.message)
-        else:
-            obj = importer.apply_generate_mesh(scene, item, update.message)
-        item.stage = str(body.get("stage") or item.stage)
-    elif kind in ("state", "stage"):
-        item.state, item.stage = update.job.state, update.job.stage
-        item.step, item.steps = update.job.step, update.job.steps
-        item.error = update.job.error
+            prepare = core_mesh.prepare_refine_result if body.get("final") else None
+        elif not item.detached:
+            prepare = core_mesh.prepare_mesh_event
+    STATE.queue.push(item.job_id, update.message, prepare)
+
+
+def apply_waiting() -> int:
+    """Apply each job's queued events in seq order while they are ready; returns how many.
+
+    An update the scene cannot take now (`UpdateWaits`) stays first in its job's queue and says
+    why on the job's row; a refused mesh (bad data) is skipped with one line, the object keeping
+    its last good mesh. `last_seq` and `dreamloom_seq` advance over applied events only.
+    """
+    applied = 0
+    for job_id in list(STATE.queue.jobs):
+        while (pending := STATE.queue.head(job_id)) is not None:
+            scene, item = find_job(job_id)
+            if item is None:
+                STATE.queue.drop(job_id)
+                break
+            try:
+                apply_pending(scene, item, pending)
+            except importer.UpdateWaits as exc:
+                item.note = f"update {pending.seq} waits: {exc}"
+                break
+            except Exception as exc:  # bad mesh data (MeshDataError) or a fault: this event only
+                item.note = f"event {pending.seq} refused: {exc}"
+                record_problem(Problem(f"job '{item.prompt[:40]}': {item.note}"))
+            STATE.queue.pop(job_id)
+            mark_applied(item, pending.seq)
+            applied += 1
+    return applied
+
+
+def apply_pending(scene: bpy.types.Scene, item, pending: PendingEvent) -> None:
+    """Apply one queued event to the scene (a superseded mesh needs nothing)."""
+    body = pending.message.body
+    kind = body.get("event")
+    if kind == "mesh" and not pending.superseded:
+        apply_mesh(scene, item, pending)
+    elif kind == "state":
+        item.state = str(body.get("state") or item.state)
+        item.position = int(body.get("position") or 0)
         if item.state == "failed":
+            item.error = str(body.get("error") or "the job failed without a message")
             record_problem(Problem(f"job '{item.prompt[:40]}' failed: {item.error}"))
         elif item.state in ("done", "cancelled"):
             STATE.notes.append(f"job '{item.prompt[:40]}' {item.state}")
-    item.last_seq = update.seq
-    obj = bpy.data.objects.get(item.object_name) if item.object_name else None
-    if obj is not None and obj.get("dreamloom_job_id") == item.job_id:
-        obj["dreamloom_seq"] = update.seq
+    elif kind == "stage":
+        item.stage, item.steps, item.step = str(body.get("stage") or item.stage), int(body.get("steps") or 0), 0
+
+
+def apply_mesh(scene: bpy.types.Scene, item, pending: PendingEvent) -> None:
+    """A mesh event into the job's object (or the refined texture onto its target)."""
+    body = pending.message.body
+    if item.kind == "refine_texture":
+        if body.get("final"):
+            target = importer.find_object(item.job_id, item.object_name, importer.REFINE_JOB_ID_PROP)
+            if target is None:
+                raise ValueError(f"the object this job refines ({item.object_name!r}) is gone")
+            importer.apply_refine_result(target, pending.prepared.result(), scene.dreamloom.refine_slots)
+            item.object_name, item.note = target.name, ""
+    elif not item.detached:
+        if item.object_name and importer.find_object(item.job_id, item.object_name) is None:
+            detach(item)  # the artist deleted the object
+            return
+        obj = importer.apply_generate_mesh(scene, item, pending.prepared.result())
+        item.note = ""
+        push_undo(f"Dreamloom: {obj.name} update {pending.seq}")
+    item.stage = str(body.get("stage") or item.stage)
+
+
+def push_undo(message: str) -> None:
+    """Make the applied update one undo step, where Blender has a window (not in background)."""
+    if not bpy.app.background and bpy.ops.ed.undo_push.poll():
+        bpy.ops.ed.undo_push(message=message)
+
+
+def detach(item) -> None:
+    """The job's object was deleted: stop writing into the scene (nothing is recreated)."""
+    item.detached = True
+    importer.remove_orphan_meshes(item.job_id)
+    item.note = "its object was deleted: the job runs on; Import Result brings the final mesh back"
+
+
+def mark_applied(item, seq: int) -> None:
+    """Record that the job's events up to `seq` are in the scene."""
+    item.last_seq = seq
+    if item.kind != "refine_texture":
+        obj = importer.find_object(item.job_id, item.object_name)
+        if obj is not None:
+            obj["dreamloom_seq"] = seq
 
 
 def apply_progress(update: JobProgress) -> None:
@@ -334,7 +515,9 @@ def apply_reply(update: RequestDone) -> None:
     body, ctx = update.reply.body, update.context
     if update.request_type == "submit":
         scene = bpy.data.scenes.get(ctx.get("scene", "")) or bpy.context.scene
-        add_job_item(scene, str(body["job_id"]), ctx["kind"], ctx.get("prompt", ""), ctx.get("object_name", ""))
+        item = add_job_item(scene, str(body["job_id"]), ctx["kind"], ctx.get("prompt", ""), ctx.get("object_name", ""))
+        item.params_json = json.dumps(ctx.get("params") or {})
+        item.place_at, item.target_size = ctx.get("place_at", (0.0, 0.0, 0.0)), float(ctx.get("target_size", 0.0))
         if ctx.get("object_name"):
             obj = bpy.data.objects.get(ctx["object_name"])
             if obj is not None and ctx["kind"] == "refine_texture":
@@ -352,6 +535,15 @@ def apply_reply(update: RequestDone) -> None:
             fill_server_jobs(scene, STATE.session.server_jobs if STATE.session else [])
     elif update.request_type == "hello":
         STATE.notes.append(" / ".join(welcome_lines()))
+        reconnected()
+    elif update.request_type == "get_result" and ctx.get("import"):
+        scene = bpy.data.scenes.get(ctx.get("scene", "")) or bpy.context.scene
+        job_id = str(body.get("job_id"))
+        _scene, item = find_job(job_id)
+        obj = importer.import_result(scene, job_id, item.prompt if item else job_id, bytes(update.reply.buffers["model"]))
+        if item is not None:
+            item.object_name, item.detached, item.note = obj.name, False, ""
+        STATE.notes.append(f"imported the result of job {job_id[:8]} as {obj.name!r}")
 
 
 def fill_server_jobs(scene: bpy.types.Scene, jobs: list[dict]) -> None:
@@ -371,11 +563,16 @@ def fill_server_jobs(scene: bpy.types.Scene, jobs: list[dict]) -> None:
 
 
 def apply_failure(update: RequestFailed) -> None:
-    """An error reply or a timeout: shown in the panel and reported."""
+    """An error reply or a timeout: shown in the panel and reported. A backend that stops
+    answering while jobs run is retried with backoff."""
+    if update.code == "timeout" and (update.context.get("heartbeat") or update.request_type == "hello"):
+        if unfinished_items():
+            schedule_reconnect(f"{update.request_type}: {update.message}")
+            return
+        if update.request_type == "hello":
+            close_session()  # the next action reconnects
+            STATE.reattach_needed = False  # do not retry in a loop; the next action will
     record_problem(Problem(f"{update.request_type}: {update.message}", update.field or ""))
-    if update.code == "timeout" and update.request_type == "hello":
-        close_session()  # the next action reconnects
-        STATE.reattach_needed = False  # do not retry in a loop; the next action will
     if update.code == "unknown_job" and update.job_id:
         _scene, item = find_job(update.job_id)
         if item is not None:

@@ -38,6 +38,8 @@ MAX_BUFFERS = 16
 """Buffer frames per message."""
 MAX_BUFFER_NDIM = 8
 """Entries in a buffer's `shape`."""
+MAX_BUFFER_DIM = 2**31 - 1
+"""Largest entry of a buffer's `shape` (also when another entry is 0 and the buffer is empty)."""
 
 _MSG_ID_RE = re.compile(r"[0-9a-f]{32}")
 _UNPACK_LIMITS = dict(
@@ -264,8 +266,12 @@ def _decode_buffer(index: int, descriptor: Any, view: memoryview, seen: set[str]
     field = f"buffers.{name}"
     if not isinstance(dtype_name, str) or dtype_name not in BUFFER_DTYPES:
         raise _bad(f"buffer dtype {dtype_name!r} is not one of {' '.join(BUFFER_DTYPES)}", field, reply_to)
-    if not isinstance(shape, list) or len(shape) > MAX_BUFFER_NDIM or not all(_is_int(s) and s >= 0 for s in shape):
-        raise _bad(f"buffer shape {shape!r} is not a list of at most {MAX_BUFFER_NDIM} integers >= 0", field, reply_to)
+    if (not isinstance(shape, list) or len(shape) > MAX_BUFFER_NDIM
+            or not all(_is_int(s) and 0 <= s <= MAX_BUFFER_DIM for s in shape)):
+        raise _bad(
+            f"buffer shape {shape!r} is not a list of at most {MAX_BUFFER_NDIM} integers in [0, {MAX_BUFFER_DIM}]",
+            field, reply_to,
+        )
     if not _is_int(nbytes) or nbytes != view.nbytes:
         raise _bad(f"buffer nbytes {nbytes!r} differs from its frame's length {view.nbytes}", field, reply_to)
     dtype = BUFFER_DTYPES[dtype_name]
@@ -284,7 +290,20 @@ def decode(
     frames: Sequence[bytes | memoryview | zmq.Frame],
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> Message:
-    """Frames (without the ROUTER routing id) -> Message. Raises ProtocolError only."""
+    """Frames (without the ROUTER routing id) -> Message. Raises ProtocolError only.
+
+    Every check above names what is wrong; a fault the checks did not foresee still becomes a
+    `bad_message` error rather than escaping as another exception type.
+    """
+    try:
+        return _decode(frames, max_message_bytes)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise _bad(f"the message cannot be decoded: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(frames: Sequence[bytes | memoryview | zmq.Frame], max_message_bytes: int) -> Message:
     # 1. Frame count, tag and sizes.
     if not isinstance(frames, Sequence) or len(frames) == 0:
         raise _bad("a message needs at least the tag, header and body frames")

@@ -6,13 +6,15 @@
                                                   copy a client's public key into SERVER_DIR/authorized_clients/
 
 `*.key` files hold only a public key and may be shared; `*.key_secret` files hold the secret key too
-and are written readable by their owner only. A running server reads `authorized_clients/` at
-start and whenever it is told to reload (`ServerSocket.reload_authorized`).
+and are readable by their owner only from their first byte (created 0600 under a temporary name,
+then renamed into place). A running server reads `authorized_clients/` at start, on SIGHUP and
+within a second of any change to the folder; a removed key is refused from then on.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import shutil
 import sys
@@ -33,9 +35,35 @@ def _create(directory: Path, name: str, force: bool) -> tuple[Path, Path]:
     for existing in (public_file, secret_file):
         if existing.exists() and not force:
             raise FileExistsError(f"{existing} exists already; pass --force to replace the key pair")
-    public_path, secret_path = zmq.auth.create_certificates(directory, name)
-    os.chmod(secret_path, 0o600)
-    return Path(public_path), Path(secret_path)
+    public, secret = zmq.curve_keypair()
+    _write_key_file(secret_file, public, secret)
+    _write_key_file(public_file, public, None)
+    return public_file, secret_file
+
+
+def _write_key_file(path: Path, public: bytes, secret: bytes | None) -> None:
+    """A key file in pyzmq's certificate format; with a secret key, 0600 from its first byte."""
+    kind = "Secret" if secret is not None else "Public"
+    lines = [
+        f"#   ****  Generated on {datetime.datetime.now()} by Dreamloom (pyzmq format)  ****",
+        f"#   ZeroMQ CURVE **{kind}** Certificate",
+        "#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions." if secret else "",
+        "",
+        "metadata",
+        "curve",
+        f'    public-key = "{public.decode("ascii")}"',
+    ]
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode("ascii")}"')
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret is not None else 0o644)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def create_server_keys(directory: Path, force: bool = False) -> tuple[Path, Path]:
@@ -131,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"client secret key: {secret_file} (keep it private)")
         else:
             target = authorize(args.server_dir, args.client_key_file)
-            print(f"authorised {args.client_key_file} as {target}; restart or reload the server to apply")
+            print(f"authorised {args.client_key_file} as {target}; a running server applies it within a second")
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

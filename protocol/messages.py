@@ -22,6 +22,10 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 512 * 2**20
 """Largest whole message (all frames) unless `welcome` says otherwise."""
 DEFAULT_HEARTBEAT_MS: Final = 2000
 """Transport heartbeat interval both sides use unless told otherwise."""
+MAX_ERROR_MESSAGE_CHARS: Final = 1000
+"""Longest `message` of an `error` body; a longer one is cut (values a client sent are echoed)."""
+MAX_ERROR_FIELD_CHARS: Final = 200
+"""Longest `field` of an `error` body."""
 
 
 class MessageType:
@@ -80,6 +84,7 @@ class ErrorCode:
     UNKNOWN_JOB: Final = "unknown_job"
     NOT_READY: Final = "not_ready"
     QUEUE_FULL: Final = "queue_full"
+    UNAUTHORIZED: Final = "unauthorized"
     INTERNAL: Final = "internal"
 
 
@@ -94,6 +99,7 @@ class EventKind:
     STATE: Final = "state"
     STAGE: Final = "stage"
     MESH: Final = "mesh"
+    NOTE: Final = "note"
 
 
 class JobState:
@@ -188,6 +194,11 @@ def reply_to(
     )
 
 
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, ending in "..." when cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def error(
     code: str,
     message: str,
@@ -200,7 +211,11 @@ def error(
         raise ValueError(f"error code must be one of {sorted(ERROR_CODES)}, got {code!r}")
     return Message(
         type=MessageType.ERROR,
-        body={"code": code, "message": message, "field": field},
+        body={
+            "code": code,
+            "message": clip(message, MAX_ERROR_MESSAGE_CHARS),
+            "field": None if field is None else clip(field, MAX_ERROR_FIELD_CHARS),
+        },
         job_id=job_id,
         reply_to=reply_to,
     )

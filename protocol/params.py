@@ -4,12 +4,13 @@
 defaults, and raises `ProtocolError("bad_params", ..., field=...)` naming the first bad field as a
 dotted path (`params.camera.elevation_deg`, `buffers.faces`). Unknown fields are ignored, as
 everywhere in the protocol, except inside `params.steps`, where a misspelt stage would silently do
-nothing and is refused instead.
+nothing and is refused instead, and among the buffers, which the server would otherwise store.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,8 +29,18 @@ DISTILL_METHODS = ("sds", "nfsd", "ism", "sjc", "vsd")
 TEXTURE_SIZES = (256, 512, 1024, 2048, 4096)
 MAX_STEPS = 100_000
 MAX_SEED = 2**31 - 1
+MAX_TARGET_FACES = 2**31 - 1
+"""`target_faces` fits an i4; budgets under 500 or above the surface's own count are clamped by
+the backend (with a `note` event), not refused."""
 MIN_MESH_EVERY = 10
 MIN_PREVIEW_EVERY = 1
+KIND_BUFFERS = {
+    JobKind.GENERATE: ("image",),
+    JobKind.REFINE_TEXTURE: ("positions", "faces", "uvs", "texture", "image"),
+}
+"""The buffers a `submit` of each kind may carry; any other is refused."""
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+"""A `submit`'s optional `request_id`: 1 to 64 letters, digits and `._:-`."""
 MAX_IMAGE_SIDE = 4096
 """Reference image and texture: pixels per side."""
 MAX_IMAGE_BYTES = 32 * 2**20
@@ -113,6 +124,10 @@ class JobParams:
 @dataclass(frozen=True)
 class GenerateParams(JobParams):
     """A validated `generate` job: prompt (and optional reference image) to a textured mesh."""
+
+    target_faces: int | None = None
+    """Face budget of the result, 0 to 2**31 - 1: the surface is decimated to it before UV
+    unwrapping; 0 keeps every face, None the quality's default (50,000; 150,000 for high)."""
 
 
 @dataclass(frozen=True)
@@ -218,10 +233,13 @@ def _steps(value: Any, path: str, allowed: tuple[str, ...]) -> StepOverrides:
     return StepOverrides(**counts)
 
 
-def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...]) -> dict[str, Any]:
-    """Every params field, validated, defaults filled; keyword arguments for either dataclass."""
-    if "prompt" not in raw:
-        raise _fail("params.prompt", "params.prompt is required")
+def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...], has_image: bool) -> dict[str, Any]:
+    """Every params field, validated, defaults filled; keyword arguments for either dataclass.
+
+    The prompt may be empty (or left out) only when a reference image is sent.
+    """
+    if not has_image and not str(raw.get("prompt") or "").strip():
+        raise _fail("params.prompt", "params.prompt is required and must not be empty when no buffers.image is sent")
     quality = raw.get("quality", "standard")
     if quality not in QUALITIES:
         raise _fail("params.quality", f"params.quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
@@ -235,7 +253,7 @@ def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...]) -> dict[str, An
             f"params.texture_size must be one of {', '.join(map(str, TEXTURE_SIZES))}, got {texture_size!r}",
         )
     return dict(
-        prompt=_text(raw["prompt"], "params.prompt", 1),
+        prompt=_text(raw.get("prompt", ""), "params.prompt", 0),
         negative_prompt=_text(raw.get("negative_prompt", ""), "params.negative_prompt", 0),
         camera=_camera(raw.get("camera", {}), "params.camera"),
         quality=quality,
@@ -253,11 +271,26 @@ def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...]) -> dict[str, An
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
-    # Signature, then the IHDR chunk: length, b"IHDR", width, height (big-endian u32).
-    if len(data) < 24 or data[12:16] != b"IHDR":
+    # Signature, then chunks (length, type, data, CRC) up to IEND. The first is IHDR (width,
+    # height: big-endian u32); a second IHDR anywhere would let a decoder use another size.
+    size = None
+    pos = 8
+    while pos + 8 <= len(data):
+        length, chunk_type = struct.unpack(">I4s", data[pos: pos + 8])
+        if chunk_type == b"IHDR":
+            if size is not None:
+                raise ValueError(f"the PNG has a second IHDR chunk at byte {pos}")
+            if length != 13 or pos + 16 > len(data):
+                raise ValueError(f"the PNG's IHDR chunk is {length} bytes, not 13")
+            size = struct.unpack(">II", data[pos + 8: pos + 16])
+        elif size is None:
+            raise ValueError("the PNG does not start with an IHDR chunk")
+        if chunk_type == b"IEND":
+            break
+        pos += 12 + length
+    if size is None:
         raise ValueError("the PNG has no IHDR chunk")
-    width, height = struct.unpack(">II", data[16:24])
-    return width, height
+    return size
 
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -266,7 +299,7 @@ _JPEG_NO_LENGTH = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
     # Walk the marker segments after SOI until a start-of-frame segment gives the size.
-    pos = 2
+    pos, size = 2, None
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
             raise ValueError(f"the JPEG has no marker at byte {pos}")
@@ -277,18 +310,22 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         if marker in _JPEG_NO_LENGTH:
             pos += 2
             continue
-        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header met
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: the frame header comes before
             break
         (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
         if length < 2:
             raise ValueError(f"the JPEG has a segment of length {length}")
         if marker in _JPEG_SOF:
+            if size is not None:
+                raise ValueError(f"the JPEG has a second frame header at byte {pos}")
             if pos + 9 > len(data):
                 break
             height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return width, height
+            size = (width, height)
         pos += 2 + length
-    raise ValueError("the JPEG has no frame header")
+    if size is None:
+        raise ValueError("the JPEG has no frame header")
+    return size
 
 
 def image_info(data: bytes | bytearray | memoryview, field: str = "buffers.image") -> tuple[str, int, int]:
@@ -368,20 +405,40 @@ def validate_submit(kind: Any, params: Any, buffers: Mapping[str, Any]) -> JobPa
     if kind not in JOB_KINDS:
         raise _fail("kind", f"kind must be one of {', '.join(JOB_KINDS)}, got {kind!r}")
     raw = _map(params, "params")
+    for name in buffers:
+        if name not in KIND_BUFFERS[kind]:
+            raise _fail(f"buffers.{name}", f"a {kind} job takes the buffers {', '.join(KIND_BUFFERS[kind])}; "
+                                           f"got {name!r}")
+    has_image = "image" in buffers
     if kind == JobKind.GENERATE:
-        result: JobParams = GenerateParams(**_common_fields(raw, ("coarse", "geometry", "texture")))
+        target_faces = raw.get("target_faces")
+        if target_faces is not None:
+            target_faces = _integer(target_faces, "params.target_faces", 0, MAX_TARGET_FACES)
+        result: JobParams = GenerateParams(**_common_fields(raw, ("coarse", "geometry", "texture"), has_image),
+                                           target_faces=target_faces)
     else:
-        result = RefineParams(**_common_fields(raw, ("texture",)))
+        result = RefineParams(**_common_fields(raw, ("texture",), has_image))
         _mesh_buffers(buffers)
     if "image" in buffers:
         _image_buffer(buffers["image"], "buffers.image", png_only=False)
     return result
 
 
+def validate_request_id(value: Any) -> str | None:
+    """A `submit`'s optional client `request_id` (None when absent); ProtocolError names it."""
+    if value is None or (isinstance(value, str) and REQUEST_ID_RE.fullmatch(value)):
+        return value
+    raise ProtocolError(
+        ErrorCode.BAD_MESSAGE, f"request_id must be 1 to 64 letters, digits or ._:- characters, got {value!r}",
+        "request_id",
+    )
+
+
 def params_to_dict(p: JobParams) -> dict[str, Any]:
     """A plain msgpack-able dict that `validate_submit` turns back into an equal `p`."""
     camera = p.camera
     steps = {k: v for k, v in vars(p.steps).items() if v is not None}
+    face_budget = {} if getattr(p, "target_faces", None) is None else {"target_faces": p.target_faces}
     return {
         "prompt": p.prompt,
         "negative_prompt": p.negative_prompt,
@@ -399,4 +456,5 @@ def params_to_dict(p: JobParams) -> dict[str, Any]:
         "texture_size": p.texture_size,
         "mesh_every": p.mesh_every,
         "preview_every": p.preview_every,
+        **face_budget,
     }

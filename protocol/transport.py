@@ -1,8 +1,9 @@
 """ZeroMQ sockets for both ends (PROTOCOL.md sections 1 and 7).
 
 `ServerSocket` is the backend's ROUTER: `ROUTER_MANDATORY`, non-blocking sends that report a gone
-or full peer as False, transport heartbeats, short linger, `MAXMSGSIZE`, and CurveZMQ with a ZAP
-authenticator over a folder of authorised client keys. `ClientSocket` is the add-on's DEALER, with
+or full peer as False, transport heartbeats, short linger, `MAXMSGSIZE`, a short send queue per
+client, a cap on open connections, and CurveZMQ with a ZAP authenticator over a folder of
+authorised client keys that can be reloaded while serving. `ClientSocket` is the add-on's DEALER, with
 `request` waiting for one reply while keeping every other message for `recv`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +28,14 @@ LINGER_MS = 250
 """How long `close` waits for queued outgoing messages."""
 HEARTBEAT_TIMEOUT_FACTOR = 3
 """A peer silent for this many heartbeat intervals is dropped."""
-DEFAULT_SEND_HWM = 1000
-"""Messages the server queues per client before `send` reports the client as full (libzmq's default)."""
+DEFAULT_SEND_HWM = 32
+"""Messages the server queues per client before `send` reports the client as full: a client that
+does not read pins at most this many messages in server memory (the server catches it up from
+its store once it reads again)."""
+DEFAULT_MAX_CONNECTIONS = 768
+"""Open TCP connections the server keeps (see `ServerSocket.police_connections`)."""
+HANDSHAKE_MS = 5000
+"""A connection that has not finished its ZMTP (and CURVE) handshake by then is closed."""
 
 
 def is_loopback(bind: str) -> bool:
@@ -86,10 +94,12 @@ class ServerSocket:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         allow_insecure: bool = False,
         send_hwm: int = DEFAULT_SEND_HWM,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         """Bind `bind`. A non-loopback bind needs `keys_dir` (CurveZMQ) or `allow_insecure=True`.
 
-        `send_hwm` is the number of messages queued per client before `send` returns False.
+        `send_hwm` is the number of messages queued per client before `send` returns False;
+        `max_connections` the open connections kept (see `police_connections`).
         """
         if keys_dir is None and not is_loopback(bind) and not allow_insecure:
             raise ValueError(
@@ -102,12 +112,22 @@ class ServerSocket:
         self.context = context if context is not None else zmq.Context()
         self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
         self.keys_dir = Path(keys_dir) if keys_dir is not None else None
-        # 1. Socket options.
+        self.authorized: frozenset[str] = frozenset()
+        """z85 public keys of the authorised clients as last (re)loaded; empty without keys."""
+        self.max_connections = max_connections
+        self._connections: set[int] = set()
+        """Descriptors of the connections kept."""
+        self.refused_connections = 0
+        """Connections closed at once because `max_connections` were open."""
+        # 1. Socket options, and a monitor that reports each accepted and closed connection.
         self.socket = self.context.socket(zmq.ROUTER)
+        self.monitor: zmq.Socket | None = None
         try:
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self.socket.setsockopt(zmq.SNDHWM, send_hwm)
+            self.socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
             _common_options(self.socket, heartbeat_ms, max_message_bytes)
+            self.monitor = self.socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
             # 2. CurveZMQ: our key pair, and a ZAP handler that admits the authorised keys only.
             if self.keys_dir is not None:
                 public, secret = load_server_keys(self.keys_dir)
@@ -116,7 +136,7 @@ class ServerSocket:
                     raise FileNotFoundError(f"{clients} is missing; run `python -m protocol.keys server {self.keys_dir}`")
                 self._auth = zmq.auth.thread.ThreadAuthenticator(self.context)
                 self._auth.start()
-                self._auth.configure_curve(domain="*", location=str(clients))
+                self.reload_authorized()
                 self.socket.curve_secretkey = secret
                 self.socket.curve_publickey = public
                 self.socket.curve_server = True
@@ -128,9 +148,38 @@ class ServerSocket:
             raise
 
     def reload_authorized(self) -> None:
-        """Re-read `authorized_clients/` (after `python -m protocol.keys authorize`)."""
-        if self._auth is not None and self.keys_dir is not None:
-            self._auth.configure_curve(domain="*", location=str(authorized_dir(self.keys_dir)))
+        """Re-read `authorized_clients/` (after `python -m protocol.keys authorize`, or a key
+        removed): new handshakes follow it at once, and `authorized` lists the keys whose
+        messages the server answers from now on. ValueError names a file that is not a key."""
+        if self._auth is None or self.keys_dir is None:
+            return
+        self._auth.configure_curve(domain="*", location=str(authorized_dir(self.keys_dir)))
+        self.authorized = frozenset(key.decode("ascii") for key in self._auth.certs["*"])
+
+    def police_connections(self) -> None:
+        """Track connections from the monitor; close each one accepted beyond `max_connections`.
+
+        Idle connections so cannot exhaust the process's descriptors: the running job, the store
+        and the clients already connected keep theirs. Connections that never finish their
+        handshake are closed by libzmq after HANDSHAKE_MS, so a client refused during a flood
+        gets in once it reconnects after that. The server calls this whenever `monitor` is
+        readable.
+        """
+        while self.monitor is not None and self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            fd = event["value"]
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._connections.discard(fd)
+            elif len(self._connections) >= self.max_connections:
+                self.refused_connections += 1
+                _shut_down(fd)  # libzmq sees the end of the stream and closes its own descriptor
+            else:
+                self._connections.add(fd)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections currently kept."""
+        return len(self._connections)
 
     def fileno(self) -> int:
         """The socket's event fd, for loops that also wait on other files."""
@@ -164,6 +213,10 @@ class ServerSocket:
 
     def close(self) -> None:
         """Close the socket (short linger), stop the authenticator, end an own context."""
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
         if not self.socket.closed:
             self.socket.close(linger=LINGER_MS)
         if self._auth is not None:
@@ -177,6 +230,20 @@ class ServerSocket:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shut_down(fd: int) -> None:
+    """Shut a TCP connection that libzmq owns; the descriptor stays libzmq's to close."""
+    try:
+        conn = socket.socket(fileno=fd)
+    except OSError:  # closed meanwhile
+        return
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        conn.detach()
 
 
 _MONITOR_EVENTS = (

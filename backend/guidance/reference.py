@@ -11,16 +11,18 @@ Preparing (all on the CPU side, before any GPU work; bad input raises GuidanceIn
   3. recentre: the mask's bounding box is centred in a square whose side leaves `border` of the
      output free on each side around the longer side of the box, then resized to `size`;
   4. the RGB composited on white (Zero123's convention);
-  5. depth (when a depth estimator is loaded): estimators predict relative inverse depth, so the
-     stored depth is its negation, standardised (zero mean, unit std) inside the mask; a flat
-     estimate is dropped (depth None), which switches the depth and normal losses off.
+  5. depth (when a depth estimator is loaded): the estimator's output as it comes, disparity
+     (relative inverse depth: Depth Anything, DPT) or metric depth (`Estimator.output`),
+     standardised (zero mean, unit std) inside the mask; a flat estimate is dropped (depth
+     None), which switches the depth and normal losses off.
 
 Losses, each over the reference view's render (`ReferenceRender`, resized reference if needed):
     rgb     Σ m·(rgb − rgb_ref)² / (3·Σ m)            masked MSE, m = reference mask
     mask    mean (opacity − m)²
-    depth   1 − Pearson(depth, depth_ref) over pixels inside both masks        (needs depth)
+    depth   1 − Pearson(d, depth_ref) over pixels inside both masks, d the render's disparity
+            1/depth for a disparity estimate, its depth for a metric one         (needs depth)
     normal  mean over the same pixels of 1 − cos(n_render, n_ref), n_ref from depth_ref after a
-            least-squares scale and shift onto the rendered depth (no gradient), through the
+            least-squares scale and shift onto d (no gradient), back to depth, through the
             render's field of view                                             (needs depth)
 """
 
@@ -53,10 +55,12 @@ class ReferenceImage:
     mask_hxwx1: torch.Tensor
     """[S, S, 1] float32 in [0, 1]: the object's mask (soft where alpha was soft)."""
     depth_hxwx1: torch.Tensor | None
-    """[S, S, 1] float32 relative depth (larger = farther), standardised inside the mask, 0 outside;
-    None without a depth estimator."""
+    """[S, S, 1] float32 estimated disparity or depth (`depth_output`), standardised inside the
+    mask, 0 outside; None without a depth estimator."""
     mask_source: str
     """Where the mask came from: "alpha", "matting" or "border_colour"."""
+    depth_output: str = "disparity"
+    """What `depth_hxwx1` measures: "disparity" (larger = nearer) or "depth" (larger = farther)."""
 
 
 @dataclass
@@ -167,13 +171,13 @@ def _recentre(rgba_hxwx4: np.ndarray, size: int, border: float) -> torch.Tensor:
 
 @torch.no_grad()
 def _estimate_depth(depth, rgb_hxwx3: torch.Tensor, mask_hxwx1: torch.Tensor) -> torch.Tensor | None:
-    """[S, S, 1] relative depth (negated inverse depth), standardised inside the mask; None when
-    the estimate is flat inside the mask (nothing to learn from)."""
+    """[S, S, 1] the estimator's disparity or depth, standardised inside the mask; None when the
+    estimate is flat inside the mask (nothing to learn from)."""
     pixels = (rgb_hxwx3.numpy() * 255.0 + 0.5).astype(np.uint8)
     inputs = depth.processor(images=pixels, return_tensors="pt").to(depth.device)
     predicted = depth.model(pixel_values=inputs["pixel_values"]).predicted_depth.float()
     predicted = F.interpolate(predicted[:, None], rgb_hxwx3.shape[:2], mode="bilinear", align_corners=False)
-    relative = -predicted[0, 0].cpu().double()[..., None]
+    relative = predicted[0, 0].cpu().double()[..., None]
     inside = mask_hxwx1 > 0.5
     values = relative[inside]
     if values.numel() < 2 or float(values.std()) < 1e-4 * max(1.0, float(values.abs().max())):
@@ -220,6 +224,7 @@ def prepare_reference(
         mask_hxwx1=mask_t.to(device),
         depth_hxwx1=depth_t.to(device) if depth_t is not None else None,
         mask_source=source,
+        depth_output=depth_model.output if depth_model is not None else "disparity",
     )
 
 
@@ -275,7 +280,8 @@ def reference_losses(render: ReferenceRender, reference: ReferenceImage) -> dict
     }
     if reference.depth_hxwx1 is None or render.depth_bxhxwx1 is None:
         return losses
-    # 2. Depth: 1 − Pearson inside both masks, per image.
+    # 2. Depth: 1 − Pearson inside both masks, per image, in the estimate's convention.
+    disparity = reference.depth_output == "disparity"
     depth_ref = _resized(reference.depth_hxwx1.to(device), height, width)[..., 0]
     depth_losses, normal_losses = [], []
     for b in range(batch):
@@ -283,15 +289,17 @@ def reference_losses(render: ReferenceRender, reference: ReferenceImage) -> dict
         if int(valid.sum()) < 3:
             continue
         depth = render.depth_bxhxwx1[b, ..., 0]
-        depth_losses.append(1.0 - pearson(depth[valid], depth_ref[valid]))
+        seen = 1.0 / depth.clamp_min(1e-6) if disparity else depth
+        depth_losses.append(1.0 - pearson(seen[valid], depth_ref[valid]))
         # 3. Normal: the estimate aligned to the render's depth scale, then differentiated.
         if render.normal_cam_bxhxwx3 is None:
             continue
         with torch.no_grad():
             design = torch.stack([depth_ref[valid], torch.ones_like(depth_ref[valid])], dim=-1)
-            scale_shift = torch.linalg.lstsq(design, depth[valid].detach()[:, None]).solution[:, 0]
+            scale_shift = torch.linalg.lstsq(design, seen[valid].detach()[:, None]).solution[:, 0]
             aligned = depth_ref * scale_shift[0] + scale_shift[1]
-            normal_ref = depth_to_normals(aligned[None], render.fov_deg)[0]
+            aligned_depth = 1.0 / aligned.clamp_min(1e-6) if disparity else aligned
+            normal_ref = depth_to_normals(aligned_depth[None], render.fov_deg)[0]
         cosine = (render.normal_cam_bxhxwx3[b][valid] * normal_ref[valid]).sum(-1)
         normal_losses.append((1.0 - cosine).mean())
     zero = render.depth_bxhxwx1.sum() * 0.0

@@ -1,23 +1,33 @@
-"""The pipeline's checkpoint format: one `torch.save` blob, held as bytes.
+"""The pipeline's checkpoint format: one safetensors blob, held as bytes.
 
 A checkpoint holds everything needed to continue a job where it stopped: the stage and the next
 step to run, the state dicts of the modules being optimised (and of the ones the stage was built
 from), the optimisers' states, extra tensors (a fixed mesh, UVs), and the random state of torch
 (CPU and CUDA), numpy and Python. The server keeps the bytes in its store; the CLI writes them
 to `OUT/checkpoint.pt`.
+
+Loading a checkpoint cannot run code (unlike a pickle, which `torch.save` writes): the tensors
+are safetensors entries named "0", "1", ..., and everything else is one JSON tree in the
+safetensors metadata, where a tensor is `{"__tensor__": "3"}`, a numpy array
+`{"__ndarray__": [dtype, shape, base64]}`, a tuple `{"__tuple__": [...]}`, bytes
+`{"__bytes__": base64}` and a map whose keys are not all plain strings `{"__items__": [[k, v]...]}`
+(optimiser states are keyed by parameter number).
 """
 
 from __future__ import annotations
 
-import io
+import base64
+import json
 import random
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever the layout below changes; an older blob is refused with a clear message."""
 
 
@@ -67,41 +77,89 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | 
             generator.set_state(saved[name])
 
 
-def _to_cpu(value: Any) -> Any:
-    """The same nested structure with every tensor moved to the CPU (so a blob loads anywhere)."""
+def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """`value` as a JSON tree (module docstring), its tensors moved to the CPU into `tensors`."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu")
+        name = str(len(tensors))
+        tensors[name] = value.detach().to("cpu").clone().contiguous()  # own storage: no shared views
+        return {"__tensor__": name}
+    if isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(value)
+        return {"__ndarray__": [array.dtype.str, list(array.shape), base64.b64encode(array.tobytes()).decode("ascii")]}
+    if isinstance(value, (bytes, bytearray)):
+        return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(item, tensors, f"{path}[{i}]") for i, item in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(item, tensors, f"{path}[{i}]") for i, item in enumerate(value)]
     if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return value
+        if all(isinstance(key, str) and not key.startswith("__") for key in value):
+            return {key: _encode(item, tensors, f"{path}.{key}") for key, item in value.items()}
+        return {"__items__": [[_encode(key, tensors, path), _encode(item, tensors, f"{path}.{key}")]
+                              for key, item in value.items()]}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint: {path} is a {type(value).__name__}, which the checkpoint format cannot hold")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `_encode`."""
+    if isinstance(value, list):
+        return [_decode(item, tensors) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        (tag, inner), = value.items()
+        if tag == "__tensor__":
+            return tensors[inner]
+        if tag == "__ndarray__":
+            dtype, shape, data = inner
+            return np.frombuffer(base64.b64decode(data), dtype=np.dtype(dtype)).reshape(shape).copy()
+        if tag == "__bytes__":
+            return base64.b64decode(inner)
+        if tag == "__tuple__":
+            return tuple(_decode(item, tensors) for item in inner)
+        if tag == "__items__":
+            return {_decode(key, tensors): _decode(item, tensors) for key, item in inner}
+    return {key: _decode(item, tensors) for key, item in value.items()}
 
 
 def to_bytes(checkpoint: Checkpoint) -> bytes:
     """Serialise a checkpoint (tensors moved to the CPU)."""
-    blob = {
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode({
         "format": FORMAT_VERSION,
         "stage": checkpoint.stage,
         "step": int(checkpoint.step),
-        "modules": _to_cpu(checkpoint.modules),
-        "optimisers": _to_cpu(checkpoint.optimisers),
-        "tensors": _to_cpu(checkpoint.tensors),
+        "modules": checkpoint.modules,
+        "optimisers": checkpoint.optimisers,
+        "tensors": checkpoint.tensors,
         "rng": checkpoint.rng,
         "job_key": checkpoint.job_key,
-    }
-    buffer = io.BytesIO()
-    torch.save(blob, buffer)
-    return buffer.getvalue()
+    }, tensors, "checkpoint")
+    return safetensors.torch.save(tensors, metadata={"dreamloom": json.dumps(tree)})
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` map of a safetensors blob (8-byte little-endian header length, JSON)."""
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes, too short for a safetensors header")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise ValueError(f"the header claims {length} bytes, the blob has {len(data) - 8}")
+    header = json.loads(data[8: 8 + length])
+    return header.get("__metadata__") or {} if isinstance(header, dict) else {}
 
 
 def from_bytes(data: bytes) -> Checkpoint:
     """Load a checkpoint written by `to_bytes`; a bad blob raises ValueError naming what is off."""
     try:
-        # weights_only=False: the blob holds numpy/python RNG state, and it is our own file.
-        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"checkpoint: cannot be read ({exc})") from exc
+        tensors = safetensors.torch.load(bytes(data))
+        blob = _decode(json.loads(_metadata(data)["dreamloom"]), tensors)
+    except Exception as exc:  # a truncated or foreign blob: several exception types
+        raise ValueError(f"checkpoint: cannot be read ({type(exc).__name__}: {exc})") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise ValueError(f"checkpoint: format {found!r} is not {FORMAT_VERSION}")

@@ -33,11 +33,16 @@ class InputMesh:
 
 
 def decode_png_rgb(data: bytes, field: str) -> np.ndarray:
-    """uint8 [H, W, 3] of a PNG/JPEG buffer; a broken file raises ValueError naming `field`."""
+    """uint8 [H, W, 3] of a PNG/JPEG buffer; a broken or oversized file raises ValueError naming `field`."""
     from PIL import Image
+
+    from protocol.params import MAX_IMAGE_SIDE
 
     try:
         with Image.open(io.BytesIO(bytes(data))) as image:
+            # The size the decoder will produce, whatever the file's first header said.
+            if max(image.size) > MAX_IMAGE_SIDE:
+                raise ValueError(f"it decodes to {image.size[0]}x{image.size[1]} pixels; at most {MAX_IMAGE_SIDE} per side")
             return np.array(image.convert("RGB"))  # a writable copy (torch warns on read-only)
     except Exception as exc:  # PIL raises several types for a broken file
         raise ValueError(f"{field}: the image cannot be decoded ({exc})") from exc

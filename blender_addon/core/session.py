@@ -5,6 +5,13 @@ once and their replies matched later by `reply_to`; `poll()` reads what has arri
 waiting and returns typed updates for the Blender layer to apply on the main thread. A request
 whose reply does not come within its timeout turns into a `RequestFailed` with code "timeout", so
 an unreachable backend is reported within seconds and nothing ever waits on the network.
+
+While it follows an unfinished job, the session sends a heartbeat (`list_jobs`) every
+`HEARTBEAT_S`. A heartbeat unanswered for `HEARTBEAT_MISSES` intervals fails with code "timeout"
+and context `heartbeat`, which tells the add-on the backend stopped answering. Its replies also
+show a job the server has gone ahead on while no events came (a backend restarted between two
+heartbeats forgot the subscription): after two such heartbeats in a row the job is subscribed
+again from its last received seq.
 """
 
 from __future__ import annotations
@@ -25,6 +32,15 @@ CLIENT_NAME = "dreamloom-blender"
 
 DEFAULT_TIMEOUT_S = 5.0
 """Seconds a request waits for its reply before it counts as failed."""
+
+HEARTBEAT_S = 2.0
+"""Seconds between heartbeats while a followed job has not finished."""
+
+HEARTBEAT_MISSES = 3
+"""Heartbeat intervals without a reply after which the backend counts as unreachable."""
+
+STALLED_HEARTBEATS = 2
+"""Heartbeats in a row that show the server ahead of a job before it is subscribed again."""
 
 ADDRESS_SCHEMES = ("tcp://", "ipc://", "inproc://")
 """ZeroMQ transports an address may use."""
@@ -149,6 +165,9 @@ class ClientSession:
         self.server_jobs: list[dict] = []
         """The newest `jobs` list from the server."""
         self._hello_deadline: float | None = None
+        self._next_heartbeat = time.monotonic() + HEARTBEAT_S
+        self._behind: dict[str, int] = {}
+        """job_id -> heartbeats in a row whose server last_seq was ahead of the received one."""
 
     def _open_socket(self) -> Any:
         keys_dir = self.settings.client_keys_dir.strip() or None
@@ -211,15 +230,19 @@ class ClientSession:
         job = self.jobs.get(job_id)
         if job is None:
             job = self.jobs[job_id] = JobRecord(job_id=job_id, kind=kind, prompt=prompt, last_seq=after_seq)
-        self.request(MessageType.SUBSCRIBE, {"job_id": job_id, "after_seq": int(job.last_seq)}, job_id=job_id)
+        self._subscribe(job)
         return job
+
+    def _subscribe(self, job: JobRecord) -> None:
+        """Ask for the job's events after the last one received."""
+        self.request(MessageType.SUBSCRIBE, {"job_id": job.job_id, "after_seq": int(job.last_seq)}, job_id=job.job_id)
 
     def cancel(self, job_id: str) -> str:
         """Ask the server to cancel a job; the job's `state: cancelled` event follows."""
         return self.request(MessageType.CANCEL, {"job_id": job_id}, job_id=job_id)
 
     def list_jobs(self) -> str:
-        """Ask for the server's job list; it lands in `self.server_jobs`."""
+        """Ask for the server's job list; it lands in `self.server_jobs`, every page of it."""
         return self.request(MessageType.LIST_JOBS)
 
     def delete_job(self, job_id: str) -> str:
@@ -240,8 +263,31 @@ class ClientSession:
             if message is None:
                 break
             updates.extend(self._handle(message))
-        updates.extend(self._expire(time.monotonic()))
+        now = time.monotonic()
+        updates.extend(self._expire(now))
+        self._heartbeat(now)
         return updates
+
+    def _heartbeat(self, now: float) -> None:
+        """Send a heartbeat when one is due, a job is followed, and no heartbeat is out."""
+        if self.welcome is None or now < self._next_heartbeat or not any(not j.finished for j in self.jobs.values()):
+            return
+        if any(p.context.get("heartbeat") for p in self.pending.values()):
+            return
+        self._next_heartbeat = now + HEARTBEAT_S
+        self.request(MessageType.LIST_JOBS, context={"heartbeat": True}, timeout_s=HEARTBEAT_S * HEARTBEAT_MISSES)
+
+    def _catch_up_stalled(self, server_jobs: list[dict]) -> None:
+        """Subscribe again to followed jobs the server is ahead on for STALLED_HEARTBEATS in a row."""
+        ahead = {str(j.get("job_id")): int(j.get("last_seq") or 0) for j in server_jobs}
+        for job_id, job in self.jobs.items():
+            if job.finished or ahead.get(job_id, 0) <= job.last_seq:
+                self._behind.pop(job_id, None)
+                continue
+            self._behind[job_id] = self._behind.get(job_id, 0) + 1
+            if self._behind[job_id] >= STALLED_HEARTBEATS:
+                self._behind.pop(job_id)
+                self._subscribe(job)
 
     def _handle(self, message: Message) -> list[Update]:
         if message.type == MessageType.EVENT:
@@ -258,6 +304,12 @@ class ClientSession:
         request_type = pending.message.type
         if message.type == MessageType.ERROR:
             return [self._failed(pending, message.body)]
+        if request_type == MessageType.LIST_JOBS and message.body.get("next_cursor") is not None:
+            # A page of a longer list: ask for the next one; the whole list lands with the last.
+            so_far = pending.context.get("jobs_so_far", []) + list(message.body.get("jobs") or [])
+            self.request(MessageType.LIST_JOBS, {"cursor": message.body["next_cursor"]},
+                         context={**pending.context, "jobs_so_far": so_far}, timeout_s=pending.timeout_s)
+            return []
         self._note_reply(request_type, message, pending)
         return [RequestDone(request_type, message, pending.context)]
 
@@ -281,7 +333,8 @@ class ClientSession:
             ctx = pending.context
             self.jobs.setdefault(job_id, JobRecord(job_id=job_id, kind=ctx.get("kind", "generate"), prompt=ctx.get("prompt", "")))
         elif request_type == MessageType.LIST_JOBS:
-            self.server_jobs = list(body.get("jobs") or [])
+            self.server_jobs = pending.context.get("jobs_so_far", []) + list(body.get("jobs") or [])
+            self._catch_up_stalled(self.server_jobs)
         elif request_type == MessageType.DELETE_JOB:
             self.jobs.pop(str(body.get("job_id")), None)
             self.server_jobs = [j for j in self.server_jobs if j.get("job_id") != body.get("job_id")]

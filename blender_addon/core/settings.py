@@ -80,6 +80,8 @@ class JobSettings:
     """Random seed, 0 to 2**31 - 1."""
     texture_size: int = 1024
     """Texture edge in pixels."""
+    target_faces: int | None = None
+    """Face budget of a generated mesh (0 keeps every face); None for the quality's default."""
     steps: dict[str, int] = field(default_factory=dict)
     """Per-stage step overrides, e.g. {"coarse": 20}; empty for the quality's defaults."""
     mesh_every: int = 250
@@ -111,13 +113,14 @@ def parse_steps(text: str, allowed: tuple[str, ...] = STAGES) -> dict[str, int]:
     return steps
 
 
-def generate_params(settings: JobSettings) -> dict:
-    """The `params` map of a `generate` submit."""
+def generate_params(settings: JobSettings, has_image: bool = False) -> dict:
+    """The `params` map of a `generate` submit; the prompt may be empty when an image is sent."""
     prompt = settings.prompt.strip()
-    if not prompt:
-        raise SettingsError("params.prompt", "params.prompt: type a prompt first (it is empty)")
+    if not prompt and not has_image:
+        raise SettingsError("params.prompt", "params.prompt: type a prompt or choose a reference image first (both are empty)")
     if settings.quality not in QUALITIES:
         raise SettingsError("params.quality", f"params.quality: {settings.quality!r} is not one of {QUALITIES}")
+    face_budget = {} if settings.target_faces is None else {"target_faces": int(settings.target_faces)}
     return {
         "prompt": prompt,
         "negative_prompt": settings.negative_prompt,
@@ -128,12 +131,15 @@ def generate_params(settings: JobSettings) -> dict:
         "texture_size": int(settings.texture_size),
         "mesh_every": int(settings.mesh_every),
         "preview_every": int(settings.preview_every),
+        **face_budget,
     }
 
 
-def refine_params(settings: JobSettings) -> dict:
+def refine_params(settings: JobSettings, has_image: bool = False) -> dict:
     """The `params` map of a `refine_texture` submit (only a `texture` step override is kept)."""
     unknown = sorted(set(settings.steps) - {"texture"})
     if unknown:
         raise SettingsError("steps", f"steps: refine texture runs only the texture stage, not {', '.join(unknown)}")
-    return generate_params(settings)
+    params = generate_params(settings, has_image)
+    params.pop("target_faces", None)  # a refined mesh keeps its faces
+    return params

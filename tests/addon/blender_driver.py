@@ -98,8 +98,28 @@ def scenario_install(args) -> dict:
     return result
 
 
-def use_local_backend(store: Path) -> None:
-    """LOCAL mode: the add-on starts `python -m backend serve --models tiny --device cpu` itself."""
+def scenario_wheels_missing(args) -> dict:
+    """The extension on disk with none of its wheels (what a zip built for other Pythons or
+    platforms leaves, e.g. one installed under an older Blender and carried over): enabling it
+    fails with one line and registers nothing."""
+    installed = bpy.ops.extensions.package_install_files(filepath=str(args.zip), repo="user_default",
+                                                         enable_on_install=False)
+    package = Path(bpy.utils.user_resource("EXTENSIONS", path="user_default")) / "dreamloom"
+    for wheel in (package / "wheels").glob("*.whl"):
+        wheel.unlink()
+    try:
+        bpy.ops.preferences.addon_enable(module=MODULE)
+        message = None
+    except RuntimeError as exc:  # the operator's ERROR report
+        message = str(exc)
+    return {"installed": installed == {"FINISHED"} and (package / "__init__.py").exists(), "message": message,
+            "enabled": MODULE in bpy.context.preferences.addons, "panel_registered": hasattr(bpy.types, "DREAMLOOM_PT_main"),
+            "blender": bpy.app.version_string, "python": ".".join(str(n) for n in sys.version_info[:2])}
+
+
+def use_local_backend(store: Path, backend_python: Path) -> None:
+    """LOCAL mode: the add-on starts `backend_python -m backend serve --models tiny --device cpu`
+    itself (an environment with torch: this Blender's own may have none)."""
     import socket
 
     with socket.socket() as probe:
@@ -108,7 +128,7 @@ def use_local_backend(store: Path) -> None:
     prefs = bpy.context.preferences.addons[MODULE].preferences
     prefs.backend_mode = "LOCAL"
     prefs.backend_address = f"tcp://127.0.0.1:{port}"
-    prefs.backend_python = sys.executable
+    prefs.backend_python = str(backend_python)
     prefs.backend_project_dir = str(Path(__file__).resolve().parents[2])
     prefs.backend_store_dir = str(store)
     prefs.backend_models = "tiny"
@@ -118,7 +138,7 @@ def use_local_backend(store: Path) -> None:
 def connect(args, timeout_s: float = 30.0) -> None:
     """LOCAL mode with the tiny models when --local-store is given, else the server at --address."""
     if args.local_store:
-        use_local_backend(args.local_store)
+        use_local_backend(args.local_store, args.backend_python)
     else:
         use_backend(args.address, timeout_s=timeout_s)
 
@@ -302,6 +322,25 @@ def scenario_bad_input(args) -> dict:
     return messages
 
 
+def wire_event(record, seq: int, body: dict, buffers: dict):
+    """A job event as the session hands it over: built, then encoded and decoded by the wire codec."""
+    protocol = sys.modules[f"{MODULE}.core._protocol"]
+    session = sys.modules[f"{MODULE}.core.session"]
+    message = protocol.Message(type="event", job_id=record.job_id, seq=seq, body=body, buffers=buffers)
+    return session.JobEvent(record, protocol.codec.decode(protocol.codec.encode(message)))
+
+
+def apply_now(runtime, update) -> None:
+    """Queue a job event as the session would hand it over, and apply it once it is prepared."""
+    runtime.dispatch(update)
+    deadline = time.monotonic() + 30
+    while runtime.STATE.queue.waiting(update.job.job_id):
+        runtime.apply_waiting()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"event {update.seq} was not applied: {scene_job().note!r}")
+        time.sleep(0.005)
+
+
 def read_obj(path: Path):
     """Vertices [V,3], triangles [T,3], UVs per corner [T,3,2] of an OBJ with vt (numpy, no bpy)."""
     import numpy as np
@@ -350,7 +389,7 @@ def scenario_import_textured(args) -> dict:
                                    buffers=buffers)
         decoded = protocol.codec.decode(protocol.codec.encode(message))
         record.last_seq = seq
-        runtime.apply_event(session.JobEvent(record, decoded))
+        apply_now(runtime, session.JobEvent(record, decoded))
         obj = bpy.data.objects[item.object_name]
         results.append({"object": obj.name, "mesh": obj.data.name, "verts": len(obj.data.vertices),
                         "faces": len(obj.data.polygons), "seq": obj.get("dreamloom_seq"),
@@ -369,6 +408,313 @@ def scenario_import_textured(args) -> dict:
             **material_summary(reopened)}
 
 
+# Scenarios of an artist at work (tests/addon/test_artist.py) -------------------------------------
+
+
+def runtime_module():
+    return sys.modules[f"{MODULE}.runtime"]
+
+
+def objects_of_job(job_id: str) -> list:
+    return [obj for obj in bpy.data.objects if obj.get("dreamloom_job_id") == job_id]
+
+
+def job_finished() -> bool:
+    return len(bpy.context.scene.dreamloom.jobs) > 0 and scene_job().state in ("done", "failed", "cancelled")
+
+
+def server_says_finished(job_id: str) -> bool:
+    """The session has received the job's last state (whether or not the scene applied it)."""
+    session = runtime_module().STATE.session
+    return session is not None and job_id in session.jobs and session.jobs[job_id].finished
+
+
+def first_mesh(args, prompt: str | None = None) -> tuple:
+    """Generate and pump until the job's object holds its first mesh; (job item, object)."""
+    bpy.ops.dreamloom.generate(prompt=prompt or args.prompt, steps=args.steps)
+    pump_until(lambda: len(bpy.context.scene.dreamloom.jobs) and objects_of_job(scene_job().job_id), args.timeout)
+    return scene_job(), objects_of_job(scene_job().job_id)[0]
+
+
+def pump_for(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        addon_module().pump()
+        time.sleep(0.01)
+
+
+def scenario_backend_restart(args) -> dict:
+    """The backend is killed mid-job and restarted on the same store; nobody clicks anything."""
+    from tests.backend.mesh_runner import start_server_process
+
+    install(args.zip)
+    server = start_server_process(args.save / "store", args.save / "server1.log", "--step-delay", "0.05")
+    use_backend(server.address)
+    item, obj = first_mesh(args)
+    pump_until(lambda: scene_job().last_seq >= 5, args.timeout)
+    server.kill()
+    killed_at, seq_at_kill = time.monotonic(), scene_job().last_seq
+    pump_until(lambda: "unreachable" in scene_job().note, args.timeout)
+    noticed_s, note = time.monotonic() - killed_at, scene_job().note
+    restarted = start_server_process(args.save / "store", args.save / "server2.log", "--step-delay", "0.05",
+                                     bind=server.address)
+    try:
+        pump_until(job_finished, args.timeout)
+        objects = objects_of_job(item.job_id)
+        return {"noticed_s": noticed_s, "note": note, "seq_at_kill": seq_at_kill, "job_state": scene_job().state,
+                "last_seq": scene_job().last_seq, "objects": len(objects), "object_seq": objects[0].get("dreamloom_seq"),
+                "note_after": scene_job().note, "server_log": restarted.log()[-2000:]}
+    finally:
+        restarted.kill()
+
+
+def scenario_edit_mode(args) -> dict:
+    """The artist enters Edit Mode on the streamed object while the job runs to its end."""
+    install(args.zip)
+    use_backend(args.address)
+    item, obj = first_mesh(args)
+    bpy.context.view_layer.objects.active = obj
+    obj.select_set(True)
+    bpy.ops.object.mode_set(mode="EDIT")
+    seq_at_edit, top_z_at_edit = obj["dreamloom_seq"], max(v.co.z for v in obj.data.vertices)
+    pump_until(lambda: server_says_finished(item.job_id), args.timeout)
+    pump_for(0.5)
+    waiting = {"note": scene_job().note, "object_seq": obj["dreamloom_seq"], "state": scene_job().state,
+               "problems": [p.text() for p in runtime_module().STATE.problems],
+               "top_z_unchanged": max(v.co.z for v in obj.data.vertices) == top_z_at_edit}
+    bpy.ops.object.mode_set(mode="OBJECT")
+    pump_until(job_finished, args.timeout)
+    received = runtime_module().STATE.session.jobs[item.job_id].last_seq
+    return {"seq_at_edit": seq_at_edit, "waiting": waiting, "job_state": scene_job().state,
+            "top_z_changed": max(v.co.z for v in obj.data.vertices) != top_z_at_edit,
+            "last_seq": scene_job().last_seq, "received_seq": received, "object_seq": obj["dreamloom_seq"],
+            "verts": len(obj.data.vertices), "note_after": scene_job().note}
+
+
+def scenario_rename(args) -> dict:
+    """The artist renames the streamed object and moves it to a collection of their own."""
+    install(args.zip)
+    use_backend(args.address)
+    item, obj = first_mesh(args)
+    obj.name = "My cow"
+    mine = bpy.data.collections.new("Mine")
+    bpy.context.scene.collection.children.link(mine)
+    mine.objects.link(obj)
+    bpy.data.collections["Dreamloom"].objects.unlink(obj)
+    pump_until(job_finished, args.timeout)
+    objects = objects_of_job(item.job_id)
+    return {"objects": [o.name for o in objects], "collections": [c.name for c in objects[0].users_collection],
+            "object_seq": objects[0].get("dreamloom_seq"), "last_seq": scene_job().last_seq,
+            "dreamloom_collection": [o.name for o in job_objects()], "job_state": scene_job().state}
+
+
+def scenario_delete(args) -> dict:
+    """The artist deletes the streamed object mid-job, then brings the result back."""
+    install(args.zip)
+    use_backend(args.address)
+    item, obj = first_mesh(args)
+    job_id = item.job_id
+    bpy.data.objects.remove(obj)
+    pump_until(job_finished, args.timeout)
+    after = {"objects": len(objects_of_job(job_id)), "meshes": [m.name for m in bpy.data.meshes if m.get("dreamloom_job_id") == job_id],
+             "orphan_meshes": [m.name for m in bpy.data.meshes if m.users == 0], "detached": scene_job().detached,
+             "note": scene_job().note, "job_state": scene_job().state}
+    bpy.ops.dreamloom.import_result(job_id=job_id)
+    pump_until(lambda: objects_of_job(job_id), args.timeout)
+    imported = objects_of_job(job_id)[0]
+    return {**after, "imported": imported.name, "imported_faces": len(imported.data.polygons),
+            "imported_collection": [c.name for c in imported.users_collection], "detached_after": scene_job().detached}
+
+
+def scenario_two_jobs(args) -> dict:
+    """Two jobs at once: a row each; the queued one names the one ahead; Cancel hits the running one."""
+    install(args.zip)
+    use_backend(args.address)
+    panels = sys.modules[f"{MODULE}.panels"]
+    bpy.ops.dreamloom.generate(prompt="first cow", steps="coarse=400")
+    bpy.ops.dreamloom.generate(prompt="second cow", steps="coarse=400")
+    jobs = bpy.context.scene.dreamloom.jobs
+    pump_until(lambda: len(jobs) == 2 and jobs[0].state == "running" and jobs[0].steps and jobs[1].state == "queued",
+               args.timeout)
+    rows = [{"title": r.title, "status": r.status, "running": r.running, "job_id": r.job_id}
+            for r in panels.job_rows(bpy.context.scene.dreamloom)]
+    bpy.ops.dreamloom.cancel()
+    pump_until(lambda: jobs[0].state == "cancelled", args.timeout)
+    second_after_cancel = jobs[1].state
+    bpy.ops.dreamloom.cancel(job_id=jobs[1].job_id)
+    pump_until(lambda: jobs[1].state == "cancelled", args.timeout)
+    return {"rows": rows, "job_ids": [j.job_id for j in jobs], "states": [j.state for j in jobs],
+            "second_after_cancel": second_after_cancel}
+
+
+def refine_event(obj, job_id: str, texture: bytes):
+    """The final mesh event a refine job of `obj` sends back: its own triangles and UVs and a
+    new texture, through the wire codec."""
+    importer = sys.modules[f"{MODULE}.importer"]
+    jobs = sys.modules[f"{MODULE}.core.jobs"]
+    split = importer.export_for_refine(obj, bpy.context.evaluated_depsgraph_get()).split()
+    record = jobs.JobRecord(job_id=job_id, kind="refine_texture", last_seq=1)
+    return wire_event(record, 1, {"event": "mesh", "stage": "texture", "step": 1, "final": True},
+                      {"positions": split.positions_nx3, "faces": split.faces_mx3, "uvs": split.uvs_nx2,
+                       "texture": texture})
+
+
+def scenario_refine_slots(args) -> dict:
+    """Refine on cubes with 3 materials (2 faces each): every slot, or the active one only."""
+    install(args.zip)
+    runtime = runtime_module()
+    texture = (args.mesh.parent / "spot_texture.png").read_bytes()
+    result = {}
+    for index, slots in enumerate(("ALL", "ACTIVE")):
+        bpy.ops.mesh.primitive_cube_add(location=(3 * index, 0, 0))
+        cube = bpy.context.active_object
+        cube.name = f"cube {slots}"
+        for name in ("red", "green", "blue"):
+            cube.data.materials.append(bpy.data.materials.new(f"{name} {slots}"))
+        cube.data.polygons.foreach_set("material_index", [0, 0, 1, 1, 2, 2])
+        cube.active_material_index = 1
+        bpy.context.scene.dreamloom.refine_slots = slots
+        job_id = f"{index + 1:032x}"
+        cube["dreamloom_refine_job_id"] = job_id
+        runtime.add_job_item(bpy.context.scene, job_id, "refine_texture", "refined", cube.name)
+        apply_now(runtime, refine_event(cube, job_id, texture))
+        result[slots] = {"slots": [s.material.name for s in cube.material_slots], "note": scene_job().note,
+                         "face_materials": [cube.material_slots[p.material_index].material.name for p in cube.data.polygons]}
+    bpy.ops.wm.save_as_mainfile(filepath=str(args.save))
+    bpy.ops.wm.open_mainfile(filepath=str(args.save))
+    result["materials_after_reopen"] = sorted(m.name for m in bpy.data.materials)
+    return result
+
+
+def scenario_reference_images(args) -> dict:
+    """Reference images of every kind go as PNG within the backend's limit; no prompt needed."""
+    import numpy as np
+
+    install(args.zip)
+    use_backend(args.address)
+    operators = sys.modules[f"{MODULE}.operators"]
+    params = sys.modules[f"{MODULE}.core._protocol"].params
+    settings = bpy.context.scene.dreamloom
+    painted = bpy.data.images.new("painted", 64, 48, alpha=True)
+    painted.pixels.foreach_set(np.random.default_rng(0).random(64 * 48 * 4).astype(np.float32))
+    saved = {}
+    for name, file_format, ext in (("exr", "OPEN_EXR", "exr"), ("webp", "WEBP", "webp"), ("jpeg", "JPEG", "jpg")):
+        copy = painted.copy()
+        copy.filepath_raw = str(args.save / f"reference.{ext}")
+        copy.file_format = file_format
+        copy.save()
+        saved[name] = bpy.data.images.load(copy.filepath_raw)
+    packed = bpy.data.images.load(str(saved["jpeg"].filepath))
+    packed.pack()
+    huge = bpy.data.images.new("huge", 5000, 200)
+    kinds = {"painted": painted, "packed_jpeg": packed, "huge_png": huge, **saved}
+    result = {}
+    for name, image in kinds.items():
+        settings.image = image
+        png, note = operators.reference_image_png(settings, "")
+        params.validate_submit("generate", {}, {"image": png})  # the backend's own rules
+        result[name] = {"info": list(params.image_info(png)), "note": note}
+    settings.image = None
+    png, note = operators.reference_image_png(settings, str(args.save / "reference.webp"))
+    result["webp_file"] = {"info": list(params.image_info(png)), "note": note}
+    settings.image, settings.prompt = painted, ""
+    bpy.ops.dreamloom.generate(steps="coarse=1,geometry=1,texture=1")
+    pump_until(job_finished, args.timeout)
+    result["image_only_job"] = {"state": scene_job().state, "prompt": scene_job().prompt}
+    return result
+
+
+def scenario_first_run(args) -> dict:
+    """LOCAL mode without a Project Folder; LOCAL on a machine without CUDA."""
+    install(args.zip)
+    prefs = bpy.context.preferences.addons[MODULE].preferences
+    prefs.backend_mode = "LOCAL"
+    prefs.backend_project_dir = ""
+    result = {}
+    try:
+        bpy.ops.dreamloom.generate(prompt="a cow")
+    except RuntimeError as exc:
+        result["no_project"] = {"message": str(exc), "field": bpy.context.scene.dreamloom.last_error_field}
+    use_local_backend(args.local_store)
+    prefs.backend_device = "cuda"
+    bpy.ops.dreamloom.generate(prompt="a cow")
+    pump_until(lambda: bpy.context.scene.dreamloom.last_error, args.timeout)
+    result["no_cuda"] = {"message": bpy.context.scene.dreamloom.last_error,
+                         "field": bpy.context.scene.dreamloom.last_error_field}
+    return result
+
+
+def scenario_failed_job(args) -> dict:
+    """A job that fails: its failure is told once."""
+    install(args.zip)
+    use_backend(args.address)
+    bpy.ops.dreamloom.generate(prompt="please fail", steps=args.steps)
+    try:
+        bpy.ops.dreamloom.sync(timeout=args.timeout)
+        report = ""
+    except RuntimeError as exc:
+        report = str(exc)
+    return {"job_state": scene_job().state, "error": scene_job().error, "report": report,
+            "panel_error": bpy.context.scene.dreamloom.last_error}
+
+
+def scenario_bad_mesh(args) -> dict:
+    """Mesh events with bad data never reach bpy: one line on the job, the last good mesh kept."""
+    import numpy as np
+
+    install(args.zip)
+    runtime = runtime_module()
+    core_mesh = sys.modules[f"{MODULE}.core.mesh"]
+    jobs = sys.modules[f"{MODULE}.core.jobs"]
+    verts, tris, tri_uvs = read_obj(args.mesh)
+    split = core_mesh.split_by_uv(verts, tris, tri_uvs)
+    good = {"positions": split.positions_nx3, "faces": split.faces_mx3, "uvs": split.uvs_nx2}
+    nan_positions = split.positions_nx3.copy()
+    nan_positions[7, 2] = np.nan
+    bad = {"faces out of range": {**good, "faces": np.where(split.faces_mx3 == 0, 10**6, split.faces_mx3).astype(np.int32)},
+           "NaN position": {**good, "positions": nan_positions},
+           "texture not a PNG": {**good, "texture": b"GIF89a" + bytes(64)}}
+    item = runtime.add_job_item(bpy.context.scene, "e" * 32, "generate", "a bad cow")
+    record = jobs.JobRecord(job_id=item.job_id)
+    result = {"notes": {}}
+    for seq, (name, buffers) in enumerate([("good", good), *bad.items()], start=1):
+        body = {"event": "mesh", "stage": "geometry", "step": seq, "final": False}
+        apply_now(runtime, wire_event(record, seq, body, buffers))
+        obj = bpy.data.objects[item.object_name]
+        result["notes"][name] = scene_job().note
+        result.setdefault("verts", []).append(len(obj.data.vertices))
+    obj = bpy.data.objects[item.object_name]
+    result["mesh_valid"] = not obj.data.copy().validate()  # validate() returns True when it had to fix something
+    result["edges"], result["faces"] = len(obj.data.edges), len(obj.data.polygons)
+    result["last_seq"], result["object_seq"] = scene_job().last_seq, obj["dreamloom_seq"]
+    result["problems"] = [p.text() for p in runtime.STATE.problems]
+    return result
+
+
+
+def scenario_placement(args) -> dict:
+    """Land at the 3D cursor at a chosen size with a random seed; detach a copy; recall settings."""
+    install(args.zip)
+    use_backend(args.address)
+    settings = bpy.context.scene.dreamloom
+    bpy.context.scene.cursor.location = (4.0, 5.0, 6.0)
+    settings.placement, settings.target_size, settings.random_seed = "CURSOR", 2.0, True
+    settings.prompt, settings.seed, settings.quality = "a spot cow", 0, "draft"
+    item, obj = first_mesh(args, prompt="a spot cow")
+    drawn_seed = settings.seed
+    landed = {"location": list(obj.location), "size": max(obj.dimensions)}
+    bpy.ops.dreamloom.detach_copy(job_id=item.job_id)
+    copy = bpy.data.objects[f"{obj.name} (detached)"]
+    copy_top = max(v.co.z for v in copy.data.vertices)
+    pump_until(job_finished, args.timeout)
+    settings.prompt, settings.seed, settings.quality = "something else", 1, "high"
+    bpy.ops.dreamloom.recall_job(job_id=item.job_id)
+    return {**landed, "drawn_seed": drawn_seed, "sent_seed": json.loads(scene_job().params_json)["seed"],
+            "copy_job_id": copy.get("dreamloom_job_id"), "copy_mesh_shared": copy.data == obj.data,
+            "copy_frozen": max(v.co.z for v in copy.data.vertices) == copy_top,
+            "original_moved_on": max(v.co.z for v in obj.data.vertices) != copy_top,
+            "recalled": [settings.prompt, settings.seed, settings.quality], "job_state": scene_job().state}
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
@@ -385,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-seq", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--local-store", type=Path, help="LOCAL mode with this job store (tiny models, CPU)")
+    parser.add_argument("--backend-python", type=Path, default=Path(sys.executable),
+                        help="the interpreter a LOCAL backend runs in (default: this one)")
     args = parser.parse_args(argv)
     result = SCENARIOS[args.scenario](args)
     print("RESULT " + json.dumps(result), flush=True)

@@ -1,4 +1,5 @@
-"""The extension in the bpy module (Blender 5.0.1), installed from the zip `build.py addon` makes.
+"""The extension in the bpy module, installed from the zip `build.py addon` makes; every test runs
+in each Blender of tests/addon/blenders.py (bpy 5.0.1 on Python 3.11, bpy 5.2.3 on Python 3.13).
 
 Each scenario runs in its own process (tests/addon/blender_driver.py) with a throw-away
 BLENDER_USER_RESOURCES, against a real backend server in another process.
@@ -6,7 +7,6 @@ BLENDER_USER_RESOURCES, against a real backend server in another process.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,21 +16,13 @@ from typing import Iterator
 
 import pytest
 
+from tests.addon.blenders import bpy_python
 from tests.backend.mesh_runner import ServerProcess, start_server_process
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO / ".." / "shared"
 REFERENCE_IMAGE = REPO / "docs" / "images" / "demo_reference.png"
 """The demo's sample reference image: spot rendered from the reference view, alpha = mask."""
-
-
-@pytest.fixture(scope="module")
-def addon_zip() -> Path:
-    """The extension zip, built the way `python build.py addon` builds it."""
-    spec = importlib.util.spec_from_file_location("dreamloom_build", REPO / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build.build_addon(Path(sys.executable))
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +35,10 @@ def mesh_server(tmp_path_factory) -> Iterator[ServerProcess]:
 
 
 def blender(scenario: str, addon_zip: Path, tmp_path: Path, *args: str, timeout_s: float = 120) -> dict:
-    """Run one driver scenario in a fresh bpy process; its RESULT as a dict."""
+    """Run one driver scenario in a fresh bpy process (the test's Blender); its RESULT as a dict."""
     env = dict(os.environ, PYTHONPATH=str(REPO), BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"))
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.addon.blender_driver", scenario, "--zip", str(addon_zip), *args],
+        [bpy_python(), "-m", "tests.addon.blender_driver", scenario, "--zip", str(addon_zip), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -57,10 +49,12 @@ def blender(scenario: str, addon_zip: Path, tmp_path: Path, *args: str, timeout_
 
 def blender_local(scenario: str, addon_zip: Path, tmp_path: Path, *args: str) -> dict:
     """A scenario in LOCAL mode: the add-on starts the real backend itself (`python -m backend
-    serve --models tiny --device cpu`, the real pipeline with tiny random models) and the scenario
-    stops it at the end; checks that it did."""
-    result = blender(scenario, addon_zip, tmp_path, "--local-store", str(tmp_path / "store"), *args,
-                     "--timeout", "240", timeout_s=300)
+    serve --models tiny --device cpu`, the real pipeline with tiny random models, from this .venv
+    whichever Blender runs) and the scenario stops it at the end; checks that it did. The job
+    takes about 16 s on an idle 2-core machine and has taken 215-265 s at load average 11-17."""
+    result = blender(scenario, addon_zip, tmp_path, "--local-store", str(tmp_path / "store"),
+                     "--backend-python", sys.executable, *args,
+                     "--timeout", "420", timeout_s=480)
     assert result["local_backend_exit"] is not None  # Stop Backend ended the process
     assert any("listening on" in line for line in result["local_backend_log"])
     return result

@@ -164,3 +164,71 @@ def test_half_a_key_setup_names_the_missing_preference():
     with pytest.raises(SessionError) as info:
         ClientSession(ConnectionSettings(address="tcp://127.0.0.1:5555", server_public_key="x" * 40))
     assert info.value.field == "client_keys_dir"
+
+
+def test_heartbeat_tells_a_backend_that_stopped_answering(tmp_path: Path):
+    from blender_addon.core.session import HEARTBEAT_MISSES, HEARTBEAT_S
+    from tests.backend.mesh_runner import start_server_process
+
+    server = start_server_process(tmp_path / "store", tmp_path / "server.log", "--step-delay", "0.05")
+    session = ClientSession(ConnectionSettings(address=server.address))
+    try:
+        session.hello()
+        job_id, _ = submit(session, steps={"coarse": 400})
+        pump_until(session, lambda u: session.jobs[job_id].last_seq >= 3)
+        server.kill()
+        killed_at = time.monotonic()
+        updates = pump_until(session, lambda u: any(isinstance(x, RequestFailed) for x in u), timeout_s=30)
+        failed = next(x for x in updates if isinstance(x, RequestFailed))
+        assert failed.code == "timeout" and failed.context.get("heartbeat")
+        assert time.monotonic() - killed_at <= HEARTBEAT_S * (HEARTBEAT_MISSES + 1) + 1.0
+    finally:
+        session.close()
+        server.kill()
+
+
+def test_a_backend_restarted_between_heartbeats_is_subscribed_again(tmp_path: Path):
+    """Killed and restarted on the same address and store before a heartbeat is missed: the new
+    server knows nothing of the subscription; the heartbeats show it ahead and the session
+    subscribes again from its last received seq, without duplicates."""
+    from tests.backend.mesh_runner import start_server_process
+
+    server = start_server_process(tmp_path / "store", tmp_path / "server1.log", "--step-delay", "0.02")
+    session = ClientSession(ConnectionSettings(address=server.address))
+    try:
+        session.hello()
+        job_id, updates = submit(session, steps={"coarse": 150})
+        updates += pump_until(session, lambda u: session.jobs[job_id].last_seq >= 3)
+        server.kill()
+        server = start_server_process(tmp_path / "store", tmp_path / "server2.log", "--step-delay", "0.02",
+                                      bind=server.address)
+        updates += pump_until(session, lambda u: session.jobs[job_id].finished, timeout_s=60)
+        seqs = [u.seq for u in updates if isinstance(u, JobEvent)]
+        assert seqs == list(range(1, len(seqs) + 1))  # every event once, in order
+        assert session.jobs[job_id].state == "done"
+        assert not [u for u in updates if isinstance(u, RequestFailed)]
+    finally:
+        session.close()
+        server.kill()
+
+
+def test_the_job_list_comes_whole_across_pages(tmp_path: Path):
+    from backend.server import JOBS_PAGE
+    from backend.store import JobStore
+
+    store = JobStore(tmp_path / "store")
+    created = [store.create_job(owner="", kind="generate", prompt=f"job {n}", params={}, inputs={})[0].job_id
+               for n in range(JOBS_PAGE + 30)]
+    store.close()
+    thread = ServerThread(Server(ServerConfig(bind="tcp://127.0.0.1:*", store_dir=tmp_path / "store"),
+                                 MeshRunner(step_delay_s=0.02)))
+    session = ClientSession(ConnectionSettings(address=thread.address))
+    try:
+        session.hello()
+        session.list_jobs()
+        done = pump_until(session, lambda u: any(isinstance(x, RequestDone) and x.request_type == "list_jobs" for x in u))
+        assert sum(isinstance(x, RequestDone) and x.request_type == "list_jobs" for x in done) == 1
+        assert [j["job_id"] for j in session.server_jobs] == created
+    finally:
+        session.close()
+        thread.stop()

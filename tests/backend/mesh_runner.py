@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 import numpy as np
@@ -170,15 +170,16 @@ class ServerProcess:
 
 
 def start_server_process(
-    store: Path, log_path: Path, *extra: str, bind: str = "tcp://127.0.0.1:*", timeout_s: float = 20.0
+    store: Path, log_path: Path, *extra: str, bind: str = "tcp://127.0.0.1:*", timeout_s: float = 20.0,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> ServerProcess:
     """Start the mesh-runner server in a child process; wait until it logs its address.
-    Give each start its own `log_path`."""
+    Give each start its own `log_path`; `preexec_fn` runs in the child before it starts (limits)."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "tests.backend.mesh_runner", "--bind", bind, "--store", str(store), *extra],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
         )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

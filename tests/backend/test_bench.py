@@ -49,7 +49,11 @@ def test_tiny_reconstruction_of_spot_beats_the_initial_sphere(tmp_path: Path, de
     assert 15.0 < metrics["psnr"] < 60.0, metrics
     for key in ("seconds", "peak_mem_gb", "precision", "recall", "psnr_object"):
         assert metrics[key] > 0, key
-    assert set(metrics["stage_seconds"]) == {"render_gt", "neus", "dmtet", "texture", "export", "metrics"}
+    assert set(metrics["stage_seconds"]) == {"render_gt", "neus", "dmtet", "decimate", "color", "unwrap", "bake",
+                                             "export", "metrics"}
+    # The DMTet surface was decimated to tiny's budget before unwrapping; the full one is scored too.
+    assert metrics["faces_full"] > 5000 and 0.95 * 5000 <= metrics["faces"] <= 5000, metrics
+    assert abs(metrics["f_score"] - metrics["full"]["f_score"]) < 0.05, metrics
     # Outputs: a textured GLB trimesh can read, an OBJ with its MTL and PNG, comparison images.
     glb = trimesh.load(out / "reconstruction.glb", force="mesh", process=False)
     assert len(glb.faces) == metrics["faces"]
@@ -86,6 +90,8 @@ TRIANGLE = "v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n"
         ({"t.obj": TRIANGLE, "tex.png": None}, ["--mesh", "t.obj", "--texture", "tex.png"], "--texture tex.png: t.obj has no texture coordinates"),
         ({"t.obj": TRIANGLE, "out": ""}, ["--mesh", "t.obj", "--out", "out"], "--out out: exists and is not a folder"),
         ({"t.obj": TRIANGLE}, ["--mesh", "t.obj", "--views", "many"], "argument --views: invalid int value: 'many'"),
+        ({"t.obj": TRIANGLE}, ["--mesh", "t.obj", "--steps", "neus=0"], "--steps neus=0: expected at least 1 step"),
+        ({"t.obj": TRIANGLE}, ["--mesh", "t.obj", "--steps", "coarse=5"], "--steps: expected neus=N,dmtet=N,color=N, got 'coarse=5'"),
     ],
 )
 def test_bad_input_exits_2_naming_the_file_or_flag(
@@ -119,3 +125,16 @@ def test_presets_are_documented() -> None:
     for name, preset in PRESETS.items():
         assert f"| {name} |" in docs, name
         assert f"| {preset.neus_steps} |" in docs or f"| {preset.neus_steps:,} |" in docs, name
+
+
+def test_steps_cut_the_preset_and_nothing_else(tmp_path: Path) -> None:
+    from backend.bench import build_parser, reconstruct_options
+    from backend.bench_reconstruct import PRESETS
+
+    (tmp_path / "t.obj").write_text(TRIANGLE)
+    args = build_parser().parse_args(["reconstruct", "--mesh", str(tmp_path / "t.obj"), "--quality", "standard",
+                                      "--steps", "neus=7,color=3", "--out", str(tmp_path / "o")])
+    preset = reconstruct_options(args).preset
+    standard = PRESETS["standard"]
+    assert (preset.neus_steps, preset.color_steps, preset.dmtet_steps) == (7, 3, standard.dmtet_steps)
+    assert preset.image_size == standard.image_size and preset.neus_rays == standard.neus_rays

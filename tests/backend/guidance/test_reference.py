@@ -115,29 +115,49 @@ def test_depth_to_normals_of_planes():
     assert torch.allclose(normals[0, 4:12, 4:12], expected.expand(8, 8, 3), atol=1e-4)
 
 
-def _reference_with_depth(size=16) -> ReferenceImage:
+def _reference_with_depth(size=16, output="disparity") -> ReferenceImage:
+    """A curved estimate, standardised inside the mask and 0 outside, as prepare_reference stores it."""
     mask = torch.zeros(size, size, 1)
     mask[3:13, 4:12] = 1.0
-    depth = torch.linspace(-1, 1, size).view(size, 1, 1).expand(size, size, 1).clone() * mask
+    rows = torch.linspace(-1, 1, size).view(size, 1, 1)
+    cols = torch.linspace(-1, 1, size).view(1, size, 1)
+    raw = rows**2 + 0.5 * cols
+    inside = mask > 0.5
+    depth = torch.where(inside, (raw - raw[inside].mean()) / raw[inside].std(), torch.zeros(()))
     rgb = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(0))
-    return ReferenceImage(rgb_hxwx3=rgb, mask_hxwx1=mask, depth_hxwx1=depth, mask_source="alpha")
+    return ReferenceImage(rgb_hxwx3=rgb, mask_hxwx1=mask, depth_hxwx1=depth, mask_source="alpha", depth_output=output)
 
 
-def test_losses_vanish_on_a_matching_render():
-    reference = _reference_with_depth()
-    render_depth = (3.0 + 0.2 * reference.depth_hxwx1)[None]  # an affine copy: Pearson 1
-    normals = depth_to_normals(render_depth[..., 0], 30.0)
-    render = ReferenceRender(
+def _render_of(reference: ReferenceImage, render_depth: torch.Tensor) -> ReferenceRender:
+    return ReferenceRender(
         rgb_bxhxwx3=reference.rgb_hxwx3[None].clone(),
         mask_bxhxwx1=reference.mask_hxwx1[None].clone(),
         depth_bxhxwx1=render_depth,
-        normal_cam_bxhxwx3=normals,
+        normal_cam_bxhxwx3=depth_to_normals(render_depth[..., 0], 30.0),
         fov_deg=30.0,
     )
-    losses = reference_losses(render, reference)
+
+
+@pytest.mark.parametrize("output", ["disparity", "depth"])
+def test_losses_vanish_on_a_matching_render(output):
+    """A relative estimate is an affine image of the render's disparity, a metric one of its depth:
+    either way a render that matches exactly has zero loss."""
+    reference = _reference_with_depth(output=output)
+    estimate = reference.depth_hxwx1[None]
+    render_depth = 1.0 / (0.5 + 0.2 * estimate) if output == "disparity" else 3.0 + 0.4 * estimate
+    losses = reference_losses(_render_of(reference, render_depth), reference)
     assert set(losses) == {"rgb", "mask", "depth", "normal"}
     for name, value in losses.items():
         assert float(value) == pytest.approx(0.0, abs=1e-4), name
+
+
+def test_a_disparity_estimate_taken_for_depth_pulls_the_shape():
+    """The same matching render, the estimate read in the wrong convention: the loss does not vanish."""
+    reference = _reference_with_depth(output="disparity")
+    render_depth = 1.0 / (0.5 + 0.2 * reference.depth_hxwx1[None])
+    wrong = ReferenceImage(reference.rgb_hxwx3, reference.mask_hxwx1, -reference.depth_hxwx1, "alpha", "depth")
+    losses = reference_losses(_render_of(reference, render_depth), wrong)
+    assert float(losses["depth"]) > 0.01 and float(losses["normal"]) > 0.01
 
 
 def test_losses_have_gradients_and_switch_off_without_depth():
