@@ -221,6 +221,7 @@ class Job:
             cams = sample_cameras(ranges, cfg.batch, cfg.render_res, cfg.render_res,
                                   self._widen(step), self.generator, self.device)
             # 3. Volume-render the field (a random background keeps it from painting the sky).
+            optimiser.zero_grad(set_to_none=True)
             neus.update_step(step)
             if occupancy is not None:
                 occupancy.update(neus, step)
@@ -240,7 +241,6 @@ class Job:
             losses["sparsity"] = (cfg.sparsity_weight, sparsity_loss(out["opacity"]))
             losses["opaque"] = (cfg.opaque_weight, opaque_loss(out["opacity"]))
             # 6. Backward now, so the guidance render's graph is freed before the reference one.
-            optimiser.zero_grad(set_to_none=True)
             values = dict(info)
             self._backward(losses, values)
             # 7. The reference view holds the image: RGB, mask, depth (and normal).
