@@ -291,35 +291,26 @@ class DMTet(nn.Module):
         device: torch.device | str,
         chunk: int = 262144,
         bound: float = SCENE_BOUND,
+        padding: float | None = None,
     ) -> "DMTet":
-        """A DMTet whose SDF is `field.sdf` sampled at the grid vertices (in chunks, no_grad)."""
+        """A DMTet whose SDF is `field.sdf` sampled at the grid vertices (in chunks, no_grad).
+
+        The grid spans the scene cube; with `padding`, it hugs the field's surface instead: the
+        cube around the bounding box of its zero level set (extracted at `resolution` over the
+        scene cube), the longest side padded by `padding` of it on each side, so all
+        `resolution` cells span the object (an empty surface keeps the scene cube)."""
         sdf_method = getattr(field, "sdf", None)
         if not callable(sdf_method):
             raise TypeError(f"field must have a callable .sdf(x_nx3), got {type(field).__name__}")
         grid = TetGrid(resolution, bound)
+        if padding is not None:
+            verts_vx3, _ = extract_mesh_from_sdf(sdf_method, resolution, device, bound, chunk)
+            if len(verts_vx3) > 0:
+                low_3, high_3 = verts_vx3.min(dim=0).values, verts_vx3.max(dim=0).values
+                half = float((high_3 - low_3).max()) * (0.5 + padding)
+                grid = TetGrid(resolution, min(max(half, 1e-3), bound),
+                               tuple(float(v) for v in (low_3 + high_3) / 2))
         return cls(grid, evaluate_sdf_on_grid(sdf_method, grid, device, chunk))
-
-    @classmethod
-    def around_surface(
-        cls,
-        field: SDFField,
-        resolution: int,
-        device: torch.device | str,
-        padding: float = 0.1,
-        bound: float = SCENE_BOUND,
-    ) -> "DMTet":
-        """A DMTet whose cube hugs the field's surface: the bounding box of its zero level set
-        (extracted at `resolution` over the whole scene cube), its longest side padded by
-        `padding` on each side, so all `resolution` cells span the object. An empty surface
-        keeps the whole scene cube."""
-        verts_vx3, _ = extract_mesh_from_sdf(field.sdf, resolution, device, bound)
-        grid = TetGrid(resolution, bound)
-        if len(verts_vx3) > 0:
-            low_3, high_3 = verts_vx3.min(dim=0).values, verts_vx3.max(dim=0).values
-            half = float((high_3 - low_3).max()) * (0.5 + padding)
-            grid = TetGrid(resolution, min(max(half, 1e-3), bound),
-                           tuple(float(v) for v in (low_3 + high_3) / 2))
-        return cls(grid, evaluate_sdf_on_grid(field.sdf, grid, device))
 
     def vertex_positions(self, ids_n: Tensor) -> Tensor:
         """Deformed positions [N, 3] of vertex ids [N] (differentiable w.r.t. `deform`)."""

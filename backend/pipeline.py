@@ -4,7 +4,7 @@
                  view-dependent prompts + Zero123 3D-SDS on the render over white when an image
                  is given), the reference-view losses, eikonal, sparsity and opaque; views
                  widen and timesteps anneal over the stage's first steps.
-    2. geometry  `DMTet.around_surface(neus)`, rasterised renders coloured by NeuS's colour
+    2. geometry  `DMTet.from_sdf(neus, padding=0.1)`, rasterised renders coloured by NeuS's colour
                  field: the 2D prior sees normals (colours every `rgb_every` steps), Zero123 the
                  colours; the reference RGB, mask and depth losses; normal consistency.
     3. texture   the surface fixed (floaters dropped), xatlas UVs, a `ColorField` sharpened by
@@ -285,7 +285,7 @@ class Job:
             neus.load_state_dict(resume.modules["neus"])
         neus.update_step(self.config.coarse.steps)  # every hash-grid level the coarse stage reached
         neus.requires_grad_(False)  # its colour field is inherited as it is: only DMTet learns
-        dmtet = DMTet.around_surface(neus, cfg.dmtet_res, self.device)
+        dmtet = DMTet.from_sdf(neus, cfg.dmtet_res, self.device, padding=0.1)
         optimiser = torch.optim.Adam(dmtet.parameters(), lr=cfg.lr)
         start = self._restore(resume, {"dmtet": dmtet}, {"geometry": optimiser})
         hybrid = self._hybrid_guidance(1, cfg.t_range, cfg.t_range, t_range_3d=cfg.t_range_3d)

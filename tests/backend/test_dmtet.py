@@ -270,7 +270,7 @@ def test_the_grid_around_a_surface_hugs_its_bounding_box():
     half, centre = (0.3, 0.2, 0.1), torch.tensor([0.2, -0.1, 0.05])
     box = BoxSDF(half)
     field = type("Shifted", (), {"sdf": staticmethod(lambda x: box.sdf(x - centre))})()
-    dmtet = DMTet.around_surface(field, 32, "cpu")
+    dmtet = DMTet.from_sdf(field, 32, "cpu", padding=0.1)
     grid = dmtet.grid
     assert grid.bound == pytest.approx(0.6 * 1.2 / 2, rel=0.05)
     assert torch.allclose(torch.tensor(grid.centre), centre, atol=0.03)
@@ -282,5 +282,5 @@ def test_the_grid_around_a_surface_hugs_its_bounding_box():
 
 
 def test_a_field_without_surface_keeps_the_whole_cube():
-    dmtet = DMTet.around_surface(SphereSDF(5.0), 8, "cpu")
+    dmtet = DMTet.from_sdf(SphereSDF(5.0), 8, "cpu", padding=0.1)
     assert dmtet.grid.bound == 1.0 and dmtet.grid.centre == (0.0, 0.0, 0.0)
