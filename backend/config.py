@@ -155,9 +155,9 @@ class TextureConfig:
     ref_rgb_weight: float = 1000.0
     """Reference-view RGB loss weight (image jobs only)."""
     bootstrap_period: int = 1000
-    """Steps of one bootstrap cycle: its first fifth fine-tunes the DreamBooth LoRA (one update
-    a step on a cached restored render, no texture gradient), the rest distils BSD into the
-    texture while the VSD LoRA follows the renders."""
+    """Steps of one bootstrap cycle (at most the stage): its first fifth fine-tunes the
+    DreamBooth LoRA (one update a step on a cached restored render, no texture gradient), the
+    rest distils BSD into the texture while the VSD LoRA follows the renders."""
     restore_every: int = 25
     """During a bootstrap phase, one more render is restored into the cache every this many
     steps."""
@@ -253,14 +253,10 @@ class PipelineConfig:
         return HYBRID_BALANCE[prior_kind]
 
 
-def bootstrap_phase_steps(texture: TextureConfig) -> int:
-    """Steps at the start of each bootstrap cycle that only fine-tune the DreamBooth LoRA."""
-    return texture.bootstrap_period // 5
-
-
 def check_schedules(config: PipelineConfig) -> None:
-    """Refuse a config whose schedules cannot run, naming the setting (a preset's or a `steps`
-    override's), before any model or GPU work."""
+    """Refuse a config whose schedules cannot run, naming the setting, before any model or GPU
+    work. Schedules inside a stage are fractions of it or capped by it, so a `steps` override
+    never makes one impossible."""
     coarse, geometry, texture = config.coarse, config.geometry, config.texture
     for name, value in (("coarse.widen_fraction", coarse.widen_fraction),
                         ("coarse.anneal_fraction", coarse.anneal_fraction)):
@@ -272,17 +268,12 @@ def check_schedules(config: PipelineConfig) -> None:
                          f"<= 1, got {geometry.normal_consistency_ramp}")
     if geometry.rgb_every < 1:
         raise ValueError(f"geometry.rgb_every: expected an integer >= 1, got {geometry.rgb_every}")
-    phase = bootstrap_phase_steps(texture)
+    phase = texture.bootstrap_period // 5
     if phase < 1 or not 1 <= texture.restore_every <= phase or texture.cache_size < 1:
         raise ValueError(
             f"texture.bootstrap_period = {texture.bootstrap_period}, restore_every = "
             f"{texture.restore_every}, cache_size = {texture.cache_size}: the bootstrap phase (a "
             "fifth of the period) needs at least one step and a restore at most every phase")
-    if 0 < texture.steps <= phase:
-        raise ValueError(
-            f"steps.texture = {texture.steps} ends inside the first bootstrap phase "
-            f"({phase} steps of quality {config.quality}), so the texture would never be "
-            f"optimised; use 0 (bake the initial colours) or more than {phase}")
 
 
 PRESETS: dict[str, PipelineConfig] = {

@@ -16,7 +16,7 @@ zero-initialised last layer, so a fresh adapter is exactly the base model (and a
 the dropout's, is the adapter without camera).
 
 The schedule follows DreamCraft3D's `stable_diffusion_bsd_guidance.py`: time runs in cycles of
-`bootstrap_period` steps. The first fifth of a cycle is the bootstrap phase: every
+`bootstrap_period` steps (at most the stage's). The first fifth of a cycle is the bootstrap phase: every
 `restore_every` steps the current render is noised to t′ = t_max(step) and restored by the
 DreamBooth model (DDIM, CFG `restore_guidance_scale`) into a cache of at most `cache_size`
 renders (the oldest goes first); each step of the phase trains the "dreambooth" LoRA once on a
@@ -229,9 +229,11 @@ class BSD:
         fraction = min(max(step, 0) / max(total, 1), 1.0)
         return start + (end - start) * fraction
 
-    def in_bootstrap_phase(self, step: int) -> bool:
-        """True in the first fifth of each `bootstrap_period`."""
-        return step % self.config.bootstrap_period < self.config.bootstrap_period // 5
+    def in_bootstrap_phase(self, step: int, total: int) -> bool:
+        """True in the first fifth of each cycle of `bootstrap_period` steps, the cycle capped
+        by the stage's `total` (a stage shorter than five steps has no bootstrap phase)."""
+        period = max(1, min(self.config.bootstrap_period, total))
+        return step % period < period // 5
 
     @torch.no_grad()
     def restore(self, x0: torch.Tensor, c2w_bx4x4: torch.Tensor, t_prime: float) -> torch.Tensor:
@@ -304,7 +306,7 @@ class BSD:
     ) -> tuple[torch.Tensor | None, dict[str, float]]:
         """One texture step: in a bootstrap phase, a DreamBooth update (loss None: the texture
         gets no BSD gradient); otherwise the texture gradient, then a VSD LoRA update."""
-        bootstrap = self.in_bootstrap_phase(step)
+        bootstrap = self.in_bootstrap_phase(step, total)
         with torch.set_grad_enabled(not bootstrap and torch.is_grad_enabled()):
             x0 = encode_images(self.prior, rgb_bxhxwx3)  # once per step
         t_max = self.t_max(step, total)

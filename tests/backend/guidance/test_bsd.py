@@ -123,8 +123,12 @@ def test_the_bootstrap_cache_fills_every_restore_and_keeps_the_newest(tiny_model
         assert sizes == [1, 2, 3, 3]
         azimuths = [float(angles_from_c2w(c2w)[1]) for _, c2w in bsd.cache]
         assert azimuths == pytest.approx([40.0, 80.0, 120.0], abs=1e-3)
-        assert [bsd.in_bootstrap_phase(step) for step in (0, 1, 2, 9, 10, 11, 12)] == [
+        assert [bsd.in_bootstrap_phase(step, 20) for step in (0, 1, 2, 9, 10, 11, 12)] == [
             True, True, False, False, True, True, False]
+        # A stage shorter than the period makes the cycle the stage: 6 steps, one bootstrap step;
+        # under five steps there is none.
+        assert [bsd.in_bootstrap_phase(step, 6) for step in range(6)] == [True] + [False] * 5
+        assert not any(bsd.in_bootstrap_phase(step, 4) for step in range(4))
     finally:
         bsd.close()
 
