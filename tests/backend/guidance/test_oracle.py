@@ -123,7 +123,7 @@ def test_bsd_on_an_oracle_is_sds_without_loras(oracle):
     from backend.guidance.sds import encode_prompt
 
     prior = oracle.prior2d
-    bsd = BSD(prior, encode_prompt(prior, "a monkey head"), BSDConfig(finetune_every=1), torch.Generator().manual_seed(3))
+    bsd = BSD(prior, encode_prompt(prior, "a monkey head"), BSDConfig(), torch.Generator().manual_seed(3))
     rgb = torch.rand(1, 64, 64, 3, requires_grad=True)
     loss, parts = bsd.step(rgb, _cameras([0.0], [0.0]), step=0, total=10)
     loss.backward()
@@ -207,7 +207,7 @@ def test_3d_sds_rests_on_the_truth_only_with_the_right_azimuth_sign(oracle, monk
     reference = oracle.zero123.encode_reference(torch.ones(64, 64, 3))
     hybrid = HybridGuidance(oracle, encode_prompt(oracle.prior2d, "a monkey head"), reference,
                             (REFERENCE_POSE.elevation_deg, REFERENCE_POSE.azimuth_deg, REFERENCE_POSE.distance),
-                            HybridConfig(mu=1.0, anneal_steps=10))
+                            HybridConfig(sds_weight=1.0, zero123_weight=1.0, anneal_steps=10))
     _, right = hybrid.loss(truth, cameras, step=0, generator=torch.Generator().manual_seed(5))
     true_pose = schedule.zero123_pose
     monkeypatch.setattr(schedule, "zero123_pose",
