@@ -10,6 +10,7 @@ tiny test models (`--models tiny`): small renders, a small DMTet grid, few steps
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -40,8 +41,13 @@ HYBRID_BALANCE: dict[str, HybridBalance] = {
     "pixel": HybridBalance(sds_weight=0.1, zero123_weight=0.1, guidance_scale=20.0, perp_neg=True),
     # Stable Diffusion 2.1, as Magic123 balances it against Zero123: 0.025 at CFG 100 vs 1.0.
     "latent": HybridBalance(sds_weight=0.025, zero123_weight=1.0, guidance_scale=100.0),
+    # The oracles (backend.guidance.oracle): exact denoisers of one known object. Their scores are
+    # not a real prior's, so their row is measured on the oracle generation bench
+    # (docs/benchmarks.md, "Generation on oracles"); it says nothing about the rows above.
+    "oracle": HybridBalance(sds_weight=1.0, zero123_weight=2.0, guidance_scale=50.0),
 }
-"""The hybrid balance by the 2D prior's kind (`Prior2D.kind`: "pixel" for IF, "latent" for SD)."""
+"""The hybrid balance by the 2D prior's `balance` key: its kind ("pixel" for IF, "latent" for
+SD), or "oracle" for the oracles."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +243,26 @@ class CameraConfig:
     """The reference view: (elevation_deg, azimuth_deg, distance, fov_deg)."""
 
 
+SCENE_RADIUS = math.sqrt(3.0)
+"""Radius of the sphere around the scene cube [-1, 1]³ that the coarse NeuS fills."""
+
+
+def text_only_fov_deg(camera: CameraConfig) -> tuple[float, float] | None:
+    """The training cameras' field-of-view range for a job without a reference image, or None
+    where `camera.fov_deg` already keeps the whole scene in the frame. Without a reference mask
+    nothing else bounds the object: at Zero123's 20° from 3.8 units the frame shows less than
+    the scene cube, and a cube filled edge to edge looks like a plain backdrop to any 2D prior.
+    The nearest camera must see the scene's bounding sphere whole: fov ≥ 2·asin(r / d)."""
+    nearest = min(camera.distance)
+    if nearest <= SCENE_RADIUS:
+        return None  # a camera inside the scene's sphere: no field of view frames it
+    framing = math.degrees(2.0 * math.asin(SCENE_RADIUS / nearest))
+    low, high = camera.fov_deg
+    if low >= framing:
+        return None
+    return (framing, max(high, framing))
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """How often the pipeline streams meshes and previews and writes checkpoints."""
@@ -285,7 +311,7 @@ class PipelineConfig:
         return getattr(self, stage).steps
 
     def balance(self, prior_kind: str) -> HybridBalance:
-        """The hybrid SDS balance for a 2D prior of `prior_kind` ("pixel" or "latent")."""
+        """The hybrid SDS balance for a 2D prior of `prior_kind` ("pixel", "latent" or "oracle")."""
         if prior_kind not in HYBRID_BALANCE:
             raise ValueError(f"prior kind {prior_kind!r} has no hybrid balance; expected one of "
                              f"{sorted(HYBRID_BALANCE)}")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backend.config import STAGES, PipelineConfig, config_for_job
+from backend.config import STAGES, PipelineConfig, config_for_job, text_only_fov_deg
 from backend.jobs import JobFailed
 from backend.mesh_clean import drop_floaters
 from backend.stages import checkpoint as ckpt
@@ -213,6 +213,12 @@ class Job:
         cadence = self._cadence(cfg.steps)
         self._stage_start("coarse", cfg.steps, start, {"neus": neus}, {"coarse": optimiser},
                           occupancy_state(occupancy))
+        widened = self._text_only_fov()
+        if widened is not None and start == 0:
+            low, high = self.config.camera.fov_deg
+            self.ctx.emit("note", {"stage": "coarse", "text": (
+                f"text-only job: the training views' field of view widened from {low:g}–{high:g}° "
+                f"to {widened[0]:.1f}–{widened[1]:.1f}° so the whole scene is in frame")})
         timer = StepTimer(cfg.steps - start)
         for step in range(start, cfg.steps):
             self.step = step
@@ -608,8 +614,13 @@ class Job:
             elevation_deg=camera.elevation_deg,
             azimuth_deg=camera.azimuth_deg,
             distance=camera.distance,
-            fov_deg=camera.fov_deg,
+            fov_deg=self._text_only_fov() or camera.fov_deg,
         ))
+
+    def _text_only_fov(self) -> tuple[float, float] | None:
+        """The widened field-of-view range of a text-only job's training views, or None
+        (image jobs, or ranges that frame the whole scene already)."""
+        return text_only_fov_deg(self.config.camera) if self.reference_source is None else None
 
     def _widen(self, step: int) -> float:
         """Progressive view training: 0 (the reference view) to 1 (the full ranges) over the
@@ -674,8 +685,9 @@ class Job:
                              view_dependent=view_dependent)
 
     def _balance(self):
-        """The hybrid SDS weights and scales for the loaded 2D prior's kind."""
-        return self.config.balance(self.guidance.prior2d.kind)
+        """The hybrid SDS weights and scales for the loaded 2D prior (its kind, or "oracle")."""
+        prior = self.guidance.prior2d
+        return self.config.balance(getattr(prior, "balance", prior.kind))
 
     def _hybrid_guidance(self, anneal_steps: int, t_start: tuple[float, float],
                          t_end: tuple[float, float], t_range_3d: tuple[float, float] | None = None):

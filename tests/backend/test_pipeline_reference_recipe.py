@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from backend.cli_generate import LocalContext
-from backend.config import HYBRID_BALANCE, PRESETS, check_schedules, config_for_job
+from backend.config import HYBRID_BALANCE, PRESETS, CameraConfig, check_schedules, config_for_job, text_only_fov_deg
 from backend.hashgrid import HashGrid
 from backend.pipeline import Job, make_runner
 from protocol.params import validate_submit
@@ -163,3 +163,33 @@ def test_each_stage_gets_the_reference_at_its_render_size(tmp_path: Path, runner
     assert set(job._prepared_references) == sizes
     for size, reference in job._prepared_references.items():
         assert reference.rgb_hxwx3.shape == (size, size, 3)
+
+
+def _corner_angles_deg(camera: CameraConfig, fov_deg: float) -> torch.Tensor:
+    """The angle between the view axis and each corner of the scene cube [-1, 1]³, seen by the
+    nearest camera of `camera` from many orbit poses at `fov_deg` (a real `Cameras`)."""
+    from backend.cameras import Cameras
+
+    elevation, azimuth = torch.meshgrid(torch.linspace(-80, 80, 9), torch.linspace(-180, 180, 13), indexing="ij")
+    count = elevation.numel()
+    cameras = Cameras.from_orbit(elevation.flatten(), azimuth.flatten(), torch.full((count,), min(camera.distance)),
+                                 torch.full((count,), fov_deg), 64, 64)
+    eye_bx3 = cameras.c2w_bx4x4[:, :3, 3]
+    corners_8x3 = torch.tensor([[x, y, z] for x in (-1.0, 1.0) for y in (-1.0, 1.0) for z in (-1.0, 1.0)])
+    to_corner = torch.nn.functional.normalize(corners_8x3[None] - eye_bx3[:, None], dim=-1)
+    to_centre = torch.nn.functional.normalize(-eye_bx3, dim=-1)[:, None]
+    return torch.rad2deg(torch.acos((to_corner * to_centre).sum(-1).clamp(-1.0, 1.0)))
+
+
+def test_a_text_only_job_widens_its_views_until_the_whole_scene_is_in_frame():
+    camera = CameraConfig()
+    widened = text_only_fov_deg(camera)
+    assert widened is not None and widened[0] == widened[1]
+    # Every corner of the scene cube lies inside the frame at the widened field of view (the
+    # cone of half the vertical angle is inside the square frame), and some lie outside at 20°.
+    assert float(_corner_angles_deg(camera, widened[0]).max()) <= widened[0] / 2 + 1e-4
+    assert float(_corner_angles_deg(camera, camera.fov_deg[0]).max()) > camera.fov_deg[0] / 2
+    # Ranges that already frame the scene, and cameras inside its sphere, are kept.
+    assert text_only_fov_deg(CameraConfig(fov_deg=(60.0, 70.0))) is None
+    assert text_only_fov_deg(CameraConfig(distance=(1.5, 2.0))) is None
+    assert text_only_fov_deg(CameraConfig(fov_deg=(20.0, 80.0))) == (widened[0], 80.0)
