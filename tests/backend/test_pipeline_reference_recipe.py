@@ -118,7 +118,7 @@ def test_the_guidance_backward_runs_before_the_reference_render(tmp_path: Path, 
 def test_every_preset_has_runnable_schedules_and_a_balance_per_prior() -> None:
     for preset in PRESETS.values():
         check_schedules(preset)
-    assert set(HYBRID_BALANCE) == {"pixel", "latent"}
+    assert set(HYBRID_BALANCE) == {"pixel", "latent", "oracle"}
     assert PRESETS["standard"].balance("pixel").guidance_scale == 20.0
     assert PRESETS["standard"].balance("latent").zero123_weight == 1.0
     with pytest.raises(ValueError, match="prior kind 'video'"):
