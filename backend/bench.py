@@ -31,6 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from backend.bench_reconstruct import PRESETS
+    from protocol.params import DISTILL_METHODS
 
     parser = _Parser(prog="python -m backend.bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", default="", help='per-stage step overrides, e.g. "coarse=300,geometry=100,texture=50"')
     gen.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--distill", default="sds", choices=DISTILL_METHODS,
+                     help="score distillation of the 2D prior (default sds)")
     gen.add_argument("--out", required=True, type=Path, help="output folder")
     return parser
 
@@ -139,7 +142,7 @@ def generate_options(args: argparse.Namespace):
         raise BenchError(f"--out {args.out}: exists and is not a folder")
     return GenerateBenchOptions(mesh=args.mesh, texture=args.texture, quality=args.quality, out_dir=args.out,
                                 device=_device(args.device), text_only=args.text_only, steps=_steps(args.steps),
-                                seed=args.seed, log=lambda line: print(line, flush=True))
+                                seed=args.seed, distill=args.distill, log=lambda line: print(line, flush=True))
 
 
 def main(argv: list[str] | None = None) -> int:

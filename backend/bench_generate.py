@@ -60,6 +60,8 @@ class GenerateBenchOptions:
     """Fields of the preset's stage configs to replace, e.g. {"coarse": {"mesh_res": 32}}."""
     seed: int = 0
     """The job's seed (and the metrics' samples)."""
+    distill: str = "sds"
+    """The job's `distill` param: the 2D prior's score-distillation method."""
     log: Callable[[str], None] = print
     """Where progress lines go."""
 
@@ -87,7 +89,7 @@ def run_job(options: GenerateBenchOptions, models, reference_png: bytes | None) 
     from protocol.params import validate_submit
 
     params_map: dict[str, Any] = {"prompt": DEFAULT_PROMPT, "seed": options.seed, "steps": dict(options.steps),
-                                  "preview_every": 10**6}
+                                  "preview_every": 10**6, "distill": options.distill}
     if options.camera is not None:
         params_map["camera"] = options.camera
     inputs = {} if reference_png is None else {"image": reference_png}
@@ -195,6 +197,7 @@ def generate(options: GenerateBenchOptions) -> dict:
     result["faces"] = int(len(context.meshes["texture"][1]["faces"]))
     result["device"] = str(device)
     result["quality"] = options.quality
+    result["distill"] = options.distill
     config = job_config(options, context.params)
     result["steps"] = {stage: config.stage_steps(stage) for stage in STAGES}
     result["text_only"] = options.text_only

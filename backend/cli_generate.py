@@ -44,6 +44,7 @@ FIELD_TO_FLAG: dict[str, str] = {
     "params.camera.distance": "--distance",
     "params.camera.fov_deg": "--fov",
     "params.quality": "--quality",
+    "params.distill": "--distill",
     "params.steps": "--steps",
     "params.seed": "--seed",
     "params.texture_size": "--texture-size",
@@ -84,6 +85,8 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", help="reference image, PNG or JPEG (alpha = object mask)")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--quality", default="standard", help="draft, standard or high")
+    parser.add_argument("--distill", default="sds",
+                        help="score distillation of the 2D prior: sds, nfsd, ism, sjc or vsd (docs/guidance.md)")
     parser.add_argument(
         "--models", default="default",
         help="guidance models: default, tiny, a directory, or oracle:MESH[,TEXTURE] (exact denoisers of a known mesh)"
@@ -203,6 +206,7 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "prompt": args.prompt,
         "negative_prompt": args.negative,
         "quality": args.quality,
+        "distill": args.distill,
         "steps": parse_steps(args.steps, allowed),
         "seed": _int("--seed", args.seed),
         "texture_size": _int("--texture-size", args.texture_size),

@@ -150,6 +150,40 @@ class TextureConfig:
     """Classifier-free guidance scale (VSD works at low scales)."""
 
 
+NFSD_NEGATIVE = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
+                 "low-resolution, gloomy")
+"""NFSD's negative prompt (Katzir et al. 2023), used where the job gives none."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The 2D prior's score-distillation method in the coarse and geometry stages, with each
+    method's settings at its paper's defaults (docs/guidance.md)."""
+
+    method: str = "sds"
+    """sds (DreamCraft3D's), nfsd, ism, sjc or vsd (`protocol.params.DISTILL_METHODS`)."""
+    nfsd_threshold: int = 200
+    """NFSD: below this timestep (of 1000) the domain term is ε(∅), from it on ε(∅) − ε(y_neg)."""
+    nfsd_negative: str = NFSD_NEGATIVE
+    """NFSD: y_neg where the job's negative prompt is empty."""
+    nfsd_guidance_scale: float = 7.5
+    """NFSD works at an ordinary guidance scale."""
+    ism_delta_t: int = 50
+    """ISM: the interval δ_T between x_s and x_t (s = t − δ_T)."""
+    ism_delta_s: int = 200
+    """ISM: the DDIM inversion step δ_S from x₀ to x_s."""
+    ism_guidance_scale: float = 7.5
+    """ISM's guidance scale (LucidDreamer)."""
+    sjc_perturbations: int = 1
+    """SJC: noised copies averaged per step (the SJC code's batch of 1)."""
+    vsd_lora_rank: int = 4
+    """VSD: rank of the LoRA that learns the renders' score."""
+    vsd_lr: float = 1e-4
+    """VSD: AdamW learning rate of that LoRA (ProlificDreamer's)."""
+    vsd_guidance_scale: float = 7.5
+    """VSD works at an ordinary guidance scale."""
+
+
 @dataclass(frozen=True)
 class CameraConfig:
     """The view ranges random training cameras are drawn from, and the reference camera."""
@@ -201,6 +235,8 @@ class PipelineConfig:
     """Streaming and checkpoint cadence."""
     texture_size: int = 1024
     """Side in pixels of the baked texture."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The 2D prior's score-distillation method of the coarse and geometry stages."""
     target_faces: int = 50_000
     """Face budget of a generated surface: it is decimated to this many faces before UV
     unwrapping (backend.decimate); 0 keeps every face."""
@@ -330,6 +366,7 @@ def config_for_job(params: Any, preset: str | None = None) -> PipelineConfig:
         camera=camera_from_params(_get(params, "camera", None)),
         stream=stream,
         texture_size=int(_get(params, "texture_size", base.texture_size)),
+        distill=dataclasses.replace(base.distill, method=_get(params, "distill", base.distill.method)),
         target_faces=base.target_faces if target_faces is None else target_faces,
         seed=int(_get(params, "seed", base.seed)),
     )

@@ -246,6 +246,7 @@ class Job:
                              mesh_fn=lambda: self._neus_mesh(neus),
                              modules={"neus": neus}, optimisers={"coarse": optimiser},
                              tensors=occupancy_state(occupancy))
+        hybrid.close()
         return neus
 
     # Stage 2: geometry (DMTet) -------------------------------------------------------------------
@@ -310,6 +311,7 @@ class Job:
                              mesh_fn=lambda: (verts_vx3.detach(), faces_fx3),
                              modules={"neus": neus, "dmtet": dmtet},
                              optimisers={"geometry": optimiser})
+        hybrid.close()
         with torch.no_grad():
             verts_vx3, faces_fx3 = dmtet.extract()
         if len(faces_fx3) == 0:
@@ -631,6 +633,7 @@ class Job:
                 guidance_scale_2d=cfg.guidance_scale,
                 guidance_scale_3d=cfg.guidance_scale_3d,
                 perp_neg=False,
+                distill=self.config.distill,
             ),
         )
 

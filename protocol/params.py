@@ -24,6 +24,8 @@ from .messages import JOB_KINDS, ErrorCode, JobKind
 MAX_PROMPT_CHARS = 1000
 """`prompt` and `negative_prompt`, in characters."""
 QUALITIES = ("draft", "standard", "high")
+DISTILL_METHODS = ("sds", "nfsd", "ism", "sjc", "vsd")
+"""Score-distillation methods of the 2D prior (docs/guidance.md); sds is DreamCraft3D's."""
 TEXTURE_SIZES = (256, 512, 1024, 2048, 4096)
 MAX_STEPS = 100_000
 MAX_SEED = 2**31 - 1
@@ -104,6 +106,9 @@ class JobParams:
     """Reference view and sampling ranges."""
     quality: str = "standard"
     """Preset: draft, standard or high."""
+    distill: str = "sds"
+    """The 2D prior's score distillation in the coarse and geometry stages: sds, nfsd, ism,
+    sjc or vsd."""
     steps: StepOverrides = field(default_factory=StepOverrides)
     """Per-stage step overrides (a refine job may set only `texture`)."""
     seed: int = 0
@@ -238,6 +243,9 @@ def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...], has_image: bool
     quality = raw.get("quality", "standard")
     if quality not in QUALITIES:
         raise _fail("params.quality", f"params.quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
+    distill = raw.get("distill", "sds")
+    if distill not in DISTILL_METHODS:
+        raise _fail("params.distill", f"params.distill must be one of {', '.join(DISTILL_METHODS)}, got {distill!r}")
     texture_size = _integer(raw.get("texture_size", 1024), "params.texture_size", TEXTURE_SIZES[0], TEXTURE_SIZES[-1])
     if texture_size not in TEXTURE_SIZES:
         raise _fail(
@@ -249,6 +257,7 @@ def _common_fields(raw: Mapping, steps_allowed: tuple[str, ...], has_image: bool
         negative_prompt=_text(raw.get("negative_prompt", ""), "params.negative_prompt", 0),
         camera=_camera(raw.get("camera", {}), "params.camera"),
         quality=quality,
+        distill=distill,
         steps=_steps(raw.get("steps", {}), "params.steps", steps_allowed),
         seed=_integer(raw.get("seed", 0), "params.seed", 0, MAX_SEED),
         texture_size=texture_size,
@@ -441,6 +450,7 @@ def params_to_dict(p: JobParams) -> dict[str, Any]:
             "fov_deg": list(camera.fov_deg),
         },
         "quality": p.quality,
+        "distill": p.distill,
         "steps": steps,
         "seed": p.seed,
         "texture_size": p.texture_size,

@@ -5,6 +5,7 @@
         .step(rgb_bxhxwx3, cameras, step, total) -> (loss, parts)    the readable alternation
         .finetune_step(renders_bxhxwx3, cameras, step, total) -> float  DreamBooth LoRA round
         .vsd_step(renders_bxhxwx3, cameras) -> float                  VSD LoRA update
+        .vsd_step_on(x0, cameras) -> float                            the same on x₀
         .texture_loss(rgb_bxhxwx3, cameras, t_range) -> (loss, SDSInfo)
         .close()                                                       remove both LoRAs
 
@@ -79,6 +80,9 @@ class BSDConfig:
     """LoRA updates per DreamBooth round, on one set of restored renders."""
     camera_hidden: int = 64
     """Width of the camera MLP's hidden layer."""
+    bootstrap: bool = True
+    """False: VSD alone (ProlificDreamer): no DreamBooth LoRA, the guided score is the base
+    model's (`backend.guidance.distill` uses it for the geometry stages)."""
 
 
 class CameraEmbedding(torch.nn.Module):
@@ -129,7 +133,10 @@ class BSD:
         if not self.trainable:
             return
         time_dim = unet.time_embedding.linear_2.out_features
-        for name, lr in ((self.dreambooth, config.dreambooth_lr), (self.vsd, config.vsd_lr)):
+        adapters = [(self.vsd, config.vsd_lr)]
+        if config.bootstrap:
+            adapters.insert(0, (self.dreambooth, config.dreambooth_lr))
+        for name, lr in adapters:
             lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=LORA_TARGETS)
             with warnings.catch_warnings():  # peft warns that a second adapter joins the first
                 warnings.simplefilter("ignore", UserWarning)
@@ -153,8 +160,8 @@ class BSD:
     @contextmanager
     def _adapter(self, adapter: str, cameras: Cameras):
         """Run the UNet with one adapter and its camera offset; the base model again on exit
-        (the plain prior where there is nothing to adapt)."""
-        if not self.trainable:
+        (the plain prior where there is nothing to adapt or no such adapter)."""
+        if not self.trainable or adapter not in self.cameras:
             yield
             return
         unet = self.prior.unet
@@ -236,6 +243,10 @@ class BSD:
         """One update of the VSD LoRA towards the score of the current renders."""
         with torch.no_grad():
             x0 = self.prior.encode(renders_bxhxwx3.detach())
+        return self.vsd_step_on(x0, cameras)
+
+    def vsd_step_on(self, x0: torch.Tensor, cameras: Cameras) -> float:
+        """`vsd_step` on x₀ already in the prior's space."""
         return self._train_adapter(self.vsd, x0, cameras)
 
     def texture_loss(
@@ -271,7 +282,7 @@ class BSD:
         """One texture step: bootstrap the DreamBooth LoRA now and then, fit the VSD LoRA, distil."""
         parts: dict[str, float] = {}
         # 1. Every `finetune_every` steps: a DreamBooth round on freshly restored renders.
-        if self.trainable and step % max(self.config.finetune_every, 1) == 0:
+        if self.trainable and self.config.bootstrap and step % max(self.config.finetune_every, 1) == 0:
             parts["dreambooth"] = self.finetune_step(rgb_bxhxwx3, cameras, step, total)
             parts["restore_t"] = self.restore_t(step, total)
         # 2. The VSD LoRA follows the renders as they are now.

@@ -5,6 +5,7 @@
     HybridGuidance(models, embeddings, reference, reference_camera, config)
         .loss(rgb_bxhxwx3, cameras, step, generator)
             -> (loss, {"sds": ..., "sds_3d": ..., "t_lo": ..., "t_hi": ...})
+        .close()                  remove what the 2D method put on the shared UNet (VSD's LoRA)
 
 The timestep range moves linearly from `start` to `end` over `anneal_steps` steps and stays at
 `end` afterwards: large t early (shape), small t late (detail). Without a reference image (or
@@ -13,11 +14,13 @@ without a Zero123 model) the 3D term is left out and L = L_SDS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from backend.cameras import Cameras
+from backend.config import DistillConfig
+from backend.guidance.distill import Distiller
 from backend.guidance.models import GuidanceModels
 from backend.guidance.sds import PromptEmbeddings, sds_loss
 from backend.guidance.zero123 import zero123_pose, zero123_sds_loss
@@ -57,7 +60,9 @@ class HybridConfig:
     guidance_scale_3d: float = 5.0
     """Classifier-free guidance scale of Zero123."""
     perp_neg: bool = False
-    """Use Perp-Neg for the 2D prior (four UNet passes per sample instead of two)."""
+    """Use Perp-Neg for the 2D prior (four UNet passes per sample instead of two; SDS only)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The 2D prior's score-distillation method (`backend.guidance.distill`)."""
 
 
 class HybridGuidance:
@@ -80,6 +85,9 @@ class HybridGuidance:
         self.reference = reference if models.zero123 is not None else None
         self.reference_camera = reference_camera
         self.config = config
+        if config.perp_neg and config.distill.method != "sds":
+            raise ValueError(f"perp_neg: works with SDS only, not distill={config.distill.method!r}")
+        self.distiller = Distiller(models.prior2d, embeddings, config.distill)
 
     @property
     def uses_zero123(self) -> bool:
@@ -101,11 +109,12 @@ class HybridGuidance:
         for logging."""
         config = self.config
         t_range = self.t_range(step)
-        # 1. 2D SDS with the text prior.
-        loss_2d, _ = sds_loss(
-            self.models.prior2d, rgb_bxhxwx3, self.embeddings, cameras, t_range,
-            config.guidance_scale_2d, generator, perp_neg=config.perp_neg,
-        )
+        # 1. 2D score distillation with the text prior (SDS unless configured otherwise).
+        if config.perp_neg:
+            loss_2d, _ = sds_loss(self.models.prior2d, rgb_bxhxwx3, self.embeddings, cameras, t_range,
+                                  config.guidance_scale_2d, generator, perp_neg=True)
+        else:
+            loss_2d, _ = self.distiller.loss(rgb_bxhxwx3, cameras, t_range, config.guidance_scale_2d, generator)
         parts = {"sds": float(loss_2d.detach()), "t_lo": t_range[0], "t_hi": t_range[1]}
         if not self.uses_zero123:
             return loss_2d, parts
@@ -118,3 +127,7 @@ class HybridGuidance:
         )
         parts["sds_3d"] = float(loss_3d.detach())
         return loss_2d + config.mu * loss_3d, parts
+
+    def close(self) -> None:
+        """Free what the method holds on the shared UNet (VSD's LoRA)."""
+        self.distiller.close()

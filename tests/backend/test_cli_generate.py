@@ -53,6 +53,7 @@ def _write_png(path: Path, size: int = 8) -> Path:
         (["generate", "--prompt", "a cat", "--out", "X", "--image", "/nonexistent.png"], "--image"),
         (["refine", "--prompt", "a cow", "--out", "X", "--mesh", "/nonexistent.obj"], "--mesh"),
         (["refine", "--prompt", "a cow", "--out", "X", "--mesh", "M", "--steps", "coarse=5"], "--steps"),
+        (["generate", "--prompt", "a cow", "--out", "X", "--distill", "dds"], "--distill"),
         (["refine", "--prompt", "a cow", "--out", "X", "--mesh", "M", "--texture", "/nonexistent.png"],
          "--texture"),
     ],
@@ -104,12 +105,14 @@ def test_flags_become_the_params_submit_validates(tmp_path: Path) -> None:
         "--steps", "coarse=20,geometry=0,texture=5", "--seed", "7", "--elevation", "0,30",
         "--azimuth", "-90,90", "--reference", "5,10,3.5,25", "--texture-size", "512",
         "--mesh-every", "10", "--preview-every", "2", "--image", str(image), "--out", str(tmp_path / "o"),
+        "--distill", "nfsd",
     ])
     params_map = params_from_args(args)
     inputs = inputs_from_args(args)
     params = validate("generate", params_map, inputs)
     assert params.prompt == "a red chair" and params.negative_prompt == "blurry"
     assert params.quality == "draft" and params.seed == 7 and params.texture_size == 512
+    assert params.distill == "nfsd"
     assert (params.steps.coarse, params.steps.geometry, params.steps.texture) == (20, 0, 5)
     assert params.camera.elevation_deg == (0.0, 30.0) and params.camera.azimuth_deg == (-90.0, 90.0)
     assert params.camera.reference.distance == 3.5 and params.camera.reference.fov_deg == 25.0

@@ -14,6 +14,7 @@ from PIL import Image
 from protocol.codec import ProtocolError, decode, encode
 from protocol.messages import Message
 from protocol.params import (
+    DISTILL_METHODS,
     CameraParams,
     GenerateParams,
     RefineParams,
@@ -51,6 +52,7 @@ def test_defaults_are_filled() -> None:
         "standard", 0, 1024, 250, 25
     )
     assert params.steps == StepOverrides(None, None, None) and params.negative_prompt == ""
+    assert params.distill == "sds"
 
 
 def test_full_generate_params_with_image() -> None:
@@ -116,6 +118,9 @@ def test_refine_buffers_survive_the_wire(refine_buffers) -> None:
         ({"camera": {"fov_deg": [False, 20]}}, "params.camera.fov_deg"),
         ({"quality": "ultra"}, "params.quality"),
         ({"quality": None}, "params.quality"),
+        ({"distill": "dds"}, "params.distill"),
+        ({"distill": "SDS"}, "params.distill"),
+        ({"distill": None}, "params.distill"),
         ({"steps": []}, "params.steps"),
         ({"steps": {"coarse": -1}}, "params.steps.coarse"),
         ({"steps": {"geometry": 100_001}}, "params.steps.geometry"),
@@ -207,6 +212,12 @@ def test_refine_buffer_rules(refine_buffers, change, field: str, text: str) -> N
     assert err.field == field and text in err.message
 
 
+def test_unknown_distill_method_lists_the_valid_ones() -> None:
+    err = refused("generate", {"prompt": "a cow", "distill": "dds"}, {})
+    assert err.field == "params.distill"
+    assert err.message == "params.distill must be one of sds, nfsd, ism, sjc, vsd, got 'dds'"
+
+
 def test_faces_index_bound_is_exclusive() -> None:
     positions_nx3 = np.zeros((3, 3), np.float32)
     validate_submit("refine_texture", {"prompt": "x"}, {"positions": positions_nx3, "faces": np.array([[0, 1, 2]], np.int32)})
@@ -232,6 +243,7 @@ ranges = st.tuples(st.floats(-89, 89), st.floats(-89, 89)).map(sorted)
             fov_deg=st.tuples(st.floats(1, 120), st.floats(1, 120)).map(sorted).map(tuple),
         ),
         quality=st.sampled_from(["draft", "standard", "high"]),
+        distill=st.sampled_from(DISTILL_METHODS),
         steps=st.builds(StepOverrides, *[st.none() | st.integers(0, 100_000)] * 3),
         seed=st.integers(0, 2**31 - 1),
         texture_size=st.sampled_from([256, 512, 1024, 2048, 4096]),
