@@ -20,6 +20,7 @@ Nothing here imports torch; the box is probed in a subprocess.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -260,6 +261,8 @@ def run_step(step: Step, env: dict[str, str], log_path: Path, deadline: float) -
             step.exit_code = process.returncode
             step.status = "stopped"
             step.note = f"its slot ended after {time.monotonic() - started:.0f} s"
+        with contextlib.suppress(ProcessLookupError):  # whatever of the part outlived it goes now
+            os.killpg(process.pid, signal.SIGKILL)
     step.seconds = round(time.monotonic() - started, 2)
     if step.status != "stopped":
         step.status = "ok" if step.exit_code == 0 else "failed"
