@@ -10,11 +10,44 @@ tiny test models (`--models tiny`): small renders, a small DMTet grid, few steps
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 STAGES: tuple[str, ...] = ("coarse", "geometry", "texture")
 """The pipeline's stages, in the order they run."""
+
+
+@dataclass(frozen=True)
+class HybridBalance:
+    """The weights and guidance scales of the hybrid SDS (2D prior + Zero123) for one kind of
+    2D prior; the coarse and geometry stages share them (docs/pipeline.md, "Following
+    DreamCraft3D")."""
+
+    sds_weight: float
+    """Weight of the 2D prior's SDS loss (lambda_sd)."""
+    zero123_weight: float
+    """Weight of Zero123's 3D-SDS loss (lambda_3d_sd); image jobs only."""
+    guidance_scale: float
+    """Classifier-free guidance scale of the 2D prior."""
+    guidance_scale_3d: float = 5.0
+    """Classifier-free guidance scale of Zero123."""
+    perp_neg: bool = False
+    """Perp-Neg for the 2D prior (four UNet passes per sample instead of two)."""
+
+
+HYBRID_BALANCE: dict[str, HybridBalance] = {
+    # DeepFloyd IF, as DreamCraft3D runs it: lambda_sd = lambda_3d_sd = 0.1, CFG 20, Perp-Neg.
+    "pixel": HybridBalance(sds_weight=0.1, zero123_weight=0.1, guidance_scale=20.0, perp_neg=True),
+    # Stable Diffusion 2.1, as Magic123 balances it against Zero123: 0.025 at CFG 100 vs 1.0.
+    "latent": HybridBalance(sds_weight=0.025, zero123_weight=1.0, guidance_scale=100.0),
+    # The oracles (backend.guidance.oracle): exact denoisers of one known object. Their scores are
+    # not a real prior's, so their row is measured on the oracle generation bench
+    # (docs/benchmarks.md, "Generation on oracles"); it says nothing about the rows above.
+    "oracle": HybridBalance(sds_weight=1.0, zero123_weight=2.0, guidance_scale=50.0),
+}
+"""The hybrid balance by the 2D prior's `balance` key: its kind ("pixel" for IF, "latent" for
+SD), or "oracle" for the oracles."""
 
 
 @dataclass(frozen=True)
@@ -31,10 +64,6 @@ class CoarseConfig:
     """Random views per step."""
     lr: float = 1e-2
     """Adam learning rate of the hash grid; the MLPs use a tenth of it."""
-    sds_weight: float = 1.0
-    """Weight of the 2D-prior SDS loss."""
-    zero123_weight: float = 0.5
-    """mu: weight of Zero123's 3D-SDS relative to the 2D prior (image jobs only)."""
     ref_rgb_weight: float = 1000.0
     """Reference-view RGB loss weight (image jobs only)."""
     ref_mask_weight: float = 100.0
@@ -45,19 +74,21 @@ class CoarseConfig:
     """Reference-view normal loss weight (needs a normal estimate; 0 disables)."""
     eikonal_weight: float = 0.1
     """Eikonal regulariser weight on the SDF gradient norm."""
-    sparsity_weight: float = 0.01
+    sparsity_weight: float = 0.1
     """Opacity sparsity weight, keeps empty space empty."""
-    widen_fraction: float = 0.5
+    opaque_weight: float = 0.1
+    """Weight of the opaque loss (binary entropy of the opacity): a pixel is either empty or
+    covered, never half."""
+    widen_fraction: float = 0.04
     """Fraction of the stage over which the view range widens from the reference view to the full
-    range (progressive view training)."""
+    range (progressive view training); DreamCraft3D widens over its first 200 of 5000 steps."""
+    anneal_fraction: float = 0.04
+    """Fraction of the stage over which the timestep range moves from `t_start` to `t_end`, then
+    stays there; DreamCraft3D anneals over its first 200 of 5000 steps."""
     t_start: tuple[float, float] = (0.7, 0.85)
     """Diffusion timestep range (fractions of T) at the stage start: large t shapes."""
     t_end: tuple[float, float] = (0.2, 0.5)
-    """Timestep range at the stage end (annealed linearly over the stage): small t details."""
-    guidance_scale: float = 50.0
-    """Classifier-free guidance scale of the 2D prior."""
-    guidance_scale_3d: float = 5.0
-    """Classifier-free guidance scale of Zero123."""
+    """Timestep range from the end of the annealing on: small t details."""
     mesh_res: int = 64
     """DMTet grid resolution used to extract the streamed meshes from the SDF."""
     grid_levels: int = 16
@@ -74,8 +105,6 @@ class CoarseConfig:
     """Resolution of the occupancy grid that skips empty space (0 disables it)."""
     occupancy_every: int = 16
     """Steps between occupancy-grid updates."""
-    cos_anneal_steps: int = 500
-    """NeuS's cosine annealing of the alpha over this many steps."""
 
 
 @dataclass(frozen=True)
@@ -92,22 +121,27 @@ class GeometryConfig:
     """Random views per step."""
     lr: float = 5e-3
     """Adam learning rate of the SDF values and vertex offsets."""
-    sds_weight: float = 1.0
-    """Weight of the 2D-prior SDS on normal-shaded renders."""
-    zero123_weight: float = 0.5
-    """Weight of Zero123's 3D-SDS (image jobs only)."""
+    rgb_every: int = 4
+    """The 2D prior sees the surface's colours (NeuS's colour field) every this many steps and
+    its normals on the others; Zero123 sees the colours on every step."""
+    ref_rgb_weight: float = 1000.0
+    """Reference-view RGB loss weight (image jobs only)."""
     ref_mask_weight: float = 100.0
     """Reference-view mask loss weight (image jobs only)."""
     ref_depth_weight: float = 0.05
     """Reference-view depth-correlation loss weight (image jobs only)."""
-    normal_consistency_weight: float = 1.0
-    """Weight of the neighbouring-face normal consistency regulariser."""
+    normal_consistency: tuple[float, float] = (100.0, 10.0)
+    """Weight of the neighbouring-face normal consistency regulariser relative to the 2D prior's
+    SDS weight, at the start of the ramp and from its end on (DreamCraft3D: 10 then 1 against
+    lambda_sd = 0.1)."""
+    normal_consistency_ramp: tuple[float, float] = (0.2, 0.4)
+    """The fractions of the stage between which the normal-consistency weight moves linearly from
+    its first value to its second (DreamCraft3D: steps 1000 to 2000 of 5000)."""
     t_range: tuple[float, float] = (0.02, 0.5)
-    """Diffusion timestep range (fractions of T), fixed: geometry refines, it does not reinvent."""
-    guidance_scale: float = 50.0
-    """Classifier-free guidance scale of the 2D prior."""
-    guidance_scale_3d: float = 5.0
-    """Classifier-free guidance scale of Zero123."""
+    """The 2D prior's timestep range (fractions of T), fixed: geometry refines, it does not
+    reinvent."""
+    t_range_3d: tuple[float, float] = (0.2, 0.5)
+    """Zero123's timestep range, fixed."""
 
 
 @dataclass(frozen=True)
@@ -122,32 +156,41 @@ class TextureConfig:
     """Random views per step."""
     lr: float = 1e-2
     """Adam learning rate of the colour field."""
-    bsd_weight: float = 1.0
+    bsd_weight: float = 0.01
     """Weight of the BSD (VSD with the bootstrapped prior) loss."""
     ref_rgb_weight: float = 1000.0
     """Reference-view RGB loss weight (image jobs only)."""
-    bootstrap_every: int = 100
-    """Steps between bootstrap rounds (the DreamBooth-style fine-tune on restored renders); the
-    VSD LoRA is updated every step."""
-    bootstrap_iters: int = 20
-    """LoRA updates per bootstrap round."""
+    bootstrap_period: int = 1000
+    """Steps of one bootstrap cycle (at most the stage): its first fifth fine-tunes the
+    DreamBooth LoRA (one update a step on a cached restored render, no texture gradient), the
+    rest distils BSD into the texture while the VSD LoRA follows the renders."""
+    restore_every: int = 25
+    """During a bootstrap phase, one more render is restored into the cache every this many
+    steps."""
+    cache_size: int = 10
+    """Restored renders kept for the DreamBooth LoRA (the oldest goes first)."""
     restore_steps: int = 10
-    """DDIM steps restoring the noised renders in a bootstrap round."""
+    """DDIM steps restoring a noised render."""
     lora_rank: int = 16
     """Rank of both LoRAs."""
     init_fit_steps: int = 50
     """Steps fitting the colour field to an input texture before the stage (refine with a
     texture)."""
-    t_range: tuple[float, float] = (0.02, 0.5)
-    """Diffusion timestep range (fractions of T) of the VSD loss."""
+    t_min: float = 0.05
+    """Smallest timestep (fraction of T) of the BSD gradient."""
+    t_max: tuple[float, float] = (0.5, 0.2)
+    """Largest timestep of the BSD gradient and the restoring noise level, annealed linearly
+    from the first value to the second over the stage."""
     color_levels: int = 16
     """Hash-grid levels of the colour field."""
     color_log2_table_size: int = 19
     """log2 of the rows of each colour hash-grid level's table."""
     color_hidden_dim: int = 64
     """Width of the colour field's MLP."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance scale (VSD works at low scales)."""
+    guidance_scale: float = 2.0
+    """Classifier-free guidance scale of the BSD gradient (VSD works at low scales)."""
+    restore_guidance_scale: float = 7.5
+    """Classifier-free guidance scale of the DreamBooth model restoring renders."""
 
 
 NFSD_NEGATIVE = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
@@ -200,6 +243,26 @@ class CameraConfig:
     """The reference view: (elevation_deg, azimuth_deg, distance, fov_deg)."""
 
 
+SCENE_RADIUS = math.sqrt(3.0)
+"""Radius of the sphere around the scene cube [-1, 1]³ that the coarse NeuS fills."""
+
+
+def text_only_fov_deg(camera: CameraConfig) -> tuple[float, float] | None:
+    """The training cameras' field-of-view range for a job without a reference image, or None
+    where `camera.fov_deg` already keeps the whole scene in the frame. Without a reference mask
+    nothing else bounds the object: at Zero123's 20° from 3.8 units the frame shows less than
+    the scene cube, and a cube filled edge to edge looks like a plain backdrop to any 2D prior.
+    The nearest camera must see the scene's bounding sphere whole: fov ≥ 2·asin(r / d)."""
+    nearest = min(camera.distance)
+    if nearest <= SCENE_RADIUS:
+        return None  # a camera inside the scene's sphere: no field of view frames it
+    framing = math.degrees(2.0 * math.asin(SCENE_RADIUS / nearest))
+    low, high = camera.fov_deg
+    if low >= framing:
+        return None
+    return (framing, max(high, framing))
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """How often the pipeline streams meshes and previews and writes checkpoints."""
@@ -247,27 +310,57 @@ class PipelineConfig:
         """The step count of `stage` ("coarse" | "geometry" | "texture")."""
         return getattr(self, stage).steps
 
+    def balance(self, prior_kind: str) -> HybridBalance:
+        """The hybrid SDS balance for a 2D prior of `prior_kind` ("pixel", "latent" or "oracle")."""
+        if prior_kind not in HYBRID_BALANCE:
+            raise ValueError(f"prior kind {prior_kind!r} has no hybrid balance; expected one of "
+                             f"{sorted(HYBRID_BALANCE)}")
+        return HYBRID_BALANCE[prior_kind]
+
+
+def check_schedules(config: PipelineConfig) -> None:
+    """Refuse a config whose schedules cannot run, naming the setting, before any model or GPU
+    work. Schedules inside a stage are fractions of it or capped by it, so a `steps` override
+    never makes one impossible."""
+    coarse, geometry, texture = config.coarse, config.geometry, config.texture
+    for name, value in (("coarse.widen_fraction", coarse.widen_fraction),
+                        ("coarse.anneal_fraction", coarse.anneal_fraction)):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{name}: expected a fraction of the stage in (0, 1], got {value}")
+    low, high = geometry.normal_consistency_ramp
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError("geometry.normal_consistency_ramp: expected fractions 0 <= start <= end "
+                         f"<= 1, got {geometry.normal_consistency_ramp}")
+    if geometry.rgb_every < 1:
+        raise ValueError(f"geometry.rgb_every: expected an integer >= 1, got {geometry.rgb_every}")
+    phase = texture.bootstrap_period // 5
+    if phase < 1 or not 1 <= texture.restore_every <= phase or texture.cache_size < 1:
+        raise ValueError(
+            f"texture.bootstrap_period = {texture.bootstrap_period}, restore_every = "
+            f"{texture.restore_every}, cache_size = {texture.cache_size}: the bootstrap phase (a "
+            "fifth of the period) needs at least one step and a restore at most every phase")
+
 
 PRESETS: dict[str, PipelineConfig] = {
     "draft": PipelineConfig(
         quality="draft",
         coarse=CoarseConfig(steps=600, render_res=64, num_samples=64, mesh_res=64),
         geometry=GeometryConfig(steps=300, render_res=256, dmtet_res=64),
-        texture=TextureConfig(steps=300, render_res=256, bootstrap_every=100),
+        texture=TextureConfig(steps=300, render_res=256, bootstrap_period=150, restore_every=10),
         texture_size=1024,
     ),
     "standard": PipelineConfig(
         quality="standard",
         coarse=CoarseConfig(steps=2000, render_res=128, num_samples=96, mesh_res=96),
         geometry=GeometryConfig(steps=1000, render_res=512, dmtet_res=128),
-        texture=TextureConfig(steps=1000, render_res=512, bootstrap_every=250),
+        texture=TextureConfig(steps=1000, render_res=512, bootstrap_period=250, restore_every=10),
         texture_size=1024,
     ),
     "high": PipelineConfig(
         quality="high",
         coarse=CoarseConfig(steps=5000, render_res=256, num_samples=128, mesh_res=128),
         geometry=GeometryConfig(steps=3000, render_res=512, dmtet_res=192),
-        texture=TextureConfig(steps=3000, render_res=512, bootstrap_every=500),
+        texture=TextureConfig(steps=3000, render_res=512, bootstrap_period=600, restore_every=25),
         texture_size=2048,
         target_faces=150_000,
     ),
@@ -277,11 +370,11 @@ PRESETS: dict[str, PipelineConfig] = {
         coarse=CoarseConfig(
             steps=12, render_res=16, num_samples=12, mesh_res=16, lr=2e-2, grid_levels=4,
             grid_log2_table_size=12, grid_start_levels=0, hidden_dim=16, occupancy_res=16,
-            occupancy_every=4, cos_anneal_steps=8,
+            occupancy_every=4, widen_fraction=0.25, anneal_fraction=0.25,
         ),
         geometry=GeometryConfig(steps=6, render_res=32, dmtet_res=16),
         texture=TextureConfig(
-            steps=6, render_res=32, bootstrap_every=3, bootstrap_iters=2, restore_steps=2,
+            steps=6, render_res=32, bootstrap_period=5, restore_every=1, cache_size=2, restore_steps=2,
             lora_rank=4, init_fit_steps=4, color_levels=4, color_log2_table_size=12,
             color_hidden_dim=16,
         ),
@@ -356,7 +449,7 @@ def config_for_job(params: Any, preset: str | None = None) -> PipelineConfig:
         mesh_every=int(_get(params, "mesh_every", base.stream.mesh_every)),
         preview_every=int(_get(params, "preview_every", base.stream.preview_every)),
     )
-    return dataclasses.replace(
+    config = dataclasses.replace(
         base,
         coarse=dataclasses.replace(base.coarse, steps=steps.get("coarse", base.coarse.steps)),
         geometry=dataclasses.replace(
@@ -370,3 +463,5 @@ def config_for_job(params: Any, preset: str | None = None) -> PipelineConfig:
         target_faces=base.target_faces if target_faces is None else target_faces,
         seed=int(_get(params, "seed", base.seed)),
     )
+    check_schedules(config)
+    return config

@@ -1,6 +1,6 @@
 """DMTet: a deformable tetrahedral grid with per-vertex SDF, and differentiable marching tetrahedra.
 
-The grid is implicit: a regular N³ grid of cubes over [−bound, bound]³, each cube split into six
+The grid is implicit: a regular N³ grid of cubes over centre ± bound, each cube split into six
 tetrahedra around its main diagonal (the Kuhn/Freudenthal split, identical in every cube, so
 neighbouring cubes share faces exactly). Vertices are the (N+1)³ grid corners, numbered
 `(i·(N+1) + j)·(N+1) + k` for the corner at index (i, j, k) along (x, y, z). Tetrahedra are never
@@ -98,12 +98,14 @@ NUM_TRIANGLES_16 = torch.tensor([0, 1, 1, 2, 1, 2, 2, 1, 1, 2, 2, 1, 2, 1, 1, 0]
 
 @dataclass(frozen=True)
 class TetGrid:
-    """The implicit tetrahedral grid: N³ cubes over [−bound, bound]³, six tetrahedra each."""
+    """The implicit tetrahedral grid: N³ cubes over centre ± bound, six tetrahedra each."""
 
     resolution: int
     """Cubes per axis (N); the grid has (N+1)³ vertices and 6·N³ tetrahedra."""
     bound: float = SCENE_BOUND
     """Half the side of the cube the grid covers."""
+    centre: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Centre of the cube the grid covers."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.resolution, int) or self.resolution < 1:
@@ -134,7 +136,8 @@ class TetGrid:
         """Undeformed world positions [N, 3] of vertex ids [N]."""
         n1 = self.resolution + 1
         ijk_nx3 = torch.stack([ids_n // (n1 * n1), (ids_n // n1) % n1, ids_n % n1], dim=-1)
-        return ijk_nx3.to(dtype) * self.cell_size - self.bound
+        centre = torch.tensor(self.centre, dtype=dtype, device=ids_n.device)
+        return ijk_nx3.to(dtype) * self.cell_size - self.bound + centre
 
     def tets_of_cubes(self, cube_ijk_cx3: Tensor) -> Tensor:
         """The six tetrahedra [6·C, 4] (vertex ids, int64) of cubes given by their lowest corner."""
@@ -277,8 +280,8 @@ class DMTet(nn.Module):
         """[(N+1)³] learnable SDF at the grid vertices (negative inside)."""
         self.deform = nn.Parameter(torch.zeros(grid.num_vertices, 3, device=sdf_v.device))
         """[(N+1)³, 3] learnable offsets; a vertex moves by tanh(deform)·max_offset."""
-        self.max_offset = 0.5 * grid.cell_size
-        """Largest displacement of a vertex along each axis: half a cell."""
+        self.max_offset = grid.cell_size
+        """Largest displacement of a vertex along each axis: one cell (threestudio's bound)."""
 
     @classmethod
     def from_sdf(
@@ -288,12 +291,25 @@ class DMTet(nn.Module):
         device: torch.device | str,
         chunk: int = 262144,
         bound: float = SCENE_BOUND,
+        padding: float | None = None,
     ) -> "DMTet":
-        """A DMTet whose SDF is `field.sdf` sampled at the grid vertices (in chunks, no_grad)."""
+        """A DMTet whose SDF is `field.sdf` sampled at the grid vertices (in chunks, no_grad).
+
+        The grid spans the scene cube; with `padding`, it hugs the field's surface instead: the
+        cube around the bounding box of its zero level set (extracted at `resolution` over the
+        scene cube), the longest side padded by `padding` of it on each side, so all
+        `resolution` cells span the object (an empty surface keeps the scene cube)."""
         sdf_method = getattr(field, "sdf", None)
         if not callable(sdf_method):
             raise TypeError(f"field must have a callable .sdf(x_nx3), got {type(field).__name__}")
         grid = TetGrid(resolution, bound)
+        if padding is not None:
+            verts_vx3, _ = extract_mesh_from_sdf(sdf_method, resolution, device, bound, chunk)
+            if len(verts_vx3) > 0:
+                low_3, high_3 = verts_vx3.min(dim=0).values, verts_vx3.max(dim=0).values
+                half = float((high_3 - low_3).max()) * (0.5 + padding)
+                grid = TetGrid(resolution, min(max(half, 1e-3), bound),
+                               tuple(float(v) for v in (low_3 + high_3) / 2))
         return cls(grid, evaluate_sdf_on_grid(sdf_method, grid, device, chunk))
 
     def vertex_positions(self, ids_n: Tensor) -> Tensor:

@@ -1,12 +1,15 @@
 """The generation pipeline: prompt (+ reference image) -> textured mesh, in three stages.
 
     1. coarse    a NeuS field, volume rendered, optimised with hybrid SDS (2D prior with
-                 view-dependent prompts + mu * Zero123 3D-SDS when an image is given), the
-                 reference-view losses, eikonal and sparsity; views widen, timesteps anneal.
-    2. geometry  `DMTet.from_sdf(neus)`, rasterised normal-shaded renders under SDS (+ Zero123 and
-                 reference mask/depth losses); the mesh is extracted every step.
-    3. texture   the surface fixed and decimated to the face budget, xatlas UVs, a `ColorField`
-                 sharpened by BSD (+ the reference RGB loss), then baked into the UV texture.
+                 view-dependent prompts + Zero123 3D-SDS on the render over white when an image
+                 is given), the reference-view losses, eikonal, sparsity and opaque; views
+                 widen and timesteps anneal over the stage's first steps.
+    2. geometry  `DMTet.from_sdf(neus, padding=0.1)`, rasterised renders coloured by NeuS's colour
+                 field: the 2D prior sees normals (colours every `rgb_every` steps), Zero123 the
+                 colours; the reference RGB, mask and depth losses; normal consistency.
+    3. texture   the surface fixed (floaters dropped, then decimated to the face budget), xatlas
+                 UVs, a `ColorField` sharpened by BSD (+ the reference RGB loss), then baked into
+                 the UV texture.
 
 `refine_texture` jobs run only stage 3 on the mesh they bring. Each stage is one plain loop over
 steps; a job streams `stage` and `mesh` events and `progress` through its context (the server's
@@ -28,8 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backend.config import STAGES, PipelineConfig, config_for_job
+from backend.config import STAGES, PipelineConfig, config_for_job, text_only_fov_deg
 from backend.jobs import JobFailed
+from backend.mesh_clean import drop_floaters
 from backend.stages import checkpoint as ckpt
 from backend.stages.stream import Cadence, emit_mesh, preview_png
 
@@ -142,6 +146,9 @@ class Job:
         self.key = job_key(ctx.kind, config, ctx.params.prompt)
         self.stage = "coarse"
         self.step = 0
+        self.reference_source = None
+        self._prepared_references: dict[int, Any] = {}
+        self._z123_reference = None
 
     # The story ------------------------------------------------------------------------------------
 
@@ -156,7 +163,8 @@ class Job:
             raise JobFailed(
                 "steps.coarse = 0 leaves nothing to shape the object; only refine jobs skip it"
             )
-        self.reference = self._prepare_reference()
+        self.reference_source = self._decode_reference()
+        self.reference = self._reference(self.config.coarse.render_res)
         # 2. Where to start: the newest checkpoint of this job, or the beginning.
         resume = self._load_checkpoint()
         first = STAGES.index(resume.stage) if resume else (2 if refine else 0)
@@ -167,6 +175,7 @@ class Job:
                 neus = self.coarse_stage(resume if first == 0 else None)
             if first <= 1 and not refine:
                 verts_vx3, faces_fx3, neus = self.geometry_stage(neus, resume if first == 1 else None)
+                verts_vx3, faces_fx3 = drop_floaters(verts_vx3, faces_fx3)
                 surface = self.surface_from_mesh(verts_vx3, faces_fx3)
             color, surface = self.texture_stage(
                 neus, surface, resume if first == 2 else None
@@ -184,7 +193,8 @@ class Job:
     def coarse_stage(self, resume: ckpt.Checkpoint | None):
         from backend.cameras import sample_cameras
         from backend.neus import OccupancyGrid, cos_anneal, render_neus
-        from backend.stages.losses import reference_terms, view_axis_depth
+        from backend.stages.losses import (opaque_loss, over_white, reference_terms,
+                                           sparsity_loss, view_axis_depth)
 
         cfg = self.config.coarse
         self.stage = "coarse"
@@ -197,11 +207,18 @@ class Job:
                                       update_every=cfg.occupancy_every)
             if resume is not None and "occupancy_g3" in resume.tensors:
                 occupancy.occupied_g3 = resume.tensors["occupancy_g3"].to(self.device)
-        hybrid = self._hybrid_guidance(cfg.steps, cfg, cfg.t_start, cfg.t_end)
+        hybrid = self._hybrid_guidance(max(1, round(cfg.anneal_fraction * cfg.steps)),
+                                       cfg.t_start, cfg.t_end)
         ranges = self._camera_ranges()
         cadence = self._cadence(cfg.steps)
         self._stage_start("coarse", cfg.steps, start, {"neus": neus}, {"coarse": optimiser},
                           occupancy_state(occupancy))
+        widened = self._text_only_fov()
+        if widened is not None and start == 0:
+            low, high = self.config.camera.fov_deg
+            self.ctx.emit("note", {"stage": "coarse", "text": (
+                f"text-only job: the training views' field of view widened from {low:g}–{high:g}° "
+                f"to {widened[0]:.1f}–{widened[1]:.1f}° so the whole scene is in frame")})
         timer = StepTimer(cfg.steps - start)
         for step in range(start, cfg.steps):
             self.step = step
@@ -211,37 +228,46 @@ class Job:
             cams = sample_cameras(ranges, cfg.batch, cfg.render_res, cfg.render_res,
                                   self._widen(step), self.generator, self.device)
             # 3. Volume-render the field (a random background keeps it from painting the sky).
+            optimiser.zero_grad(set_to_none=True)
             neus.update_step(step)
             if occupancy is not None:
                 occupancy.update(neus, step)
-            anneal = cos_anneal(step, cfg.cos_anneal_steps)
+            anneal = cos_anneal(step, cfg.steps)
             background = torch.rand(3, generator=self.generator).to(self.device)
             out = render_neus(neus, cams, background, cfg.num_samples, cos_anneal_ratio=anneal,
                               occupancy=occupancy, stratified=True, generator=self.device_generator)
-            # 4. Hybrid SDS at annealed timesteps (2D prior + mu * Zero123 with an image).
+            # 4. Hybrid SDS at annealed timesteps: the 2D prior sees the random background,
+            #    Zero123 (with an image) the same render over white, as it was trained.
             losses = {}
-            sds, info = hybrid.loss(out["rgb"], cams, step, self.device_generator)
-            losses["hybrid_sds"] = (cfg.sds_weight, sds)
-            # 5. The reference view holds the image: RGB, mask, depth (and normal).
+            sds, info = hybrid.loss(out["rgb"], cams, step, self.device_generator,
+                                    rgb_3d_bxhxwx3=over_white(out["rgb"], out["opacity"], background))
+            losses["hybrid_sds"] = (1.0, sds)
+            # 5. Regularisers: eikonal on the SDF gradient, sparsity and opaque on the opacity.
+            losses["eikonal"] = (cfg.eikonal_weight, out["eikonal"])
+            losses["sparsity"] = (cfg.sparsity_weight, sparsity_loss(out["opacity"]))
+            losses["opaque"] = (cfg.opaque_weight, opaque_loss(out["opacity"]))
+            # 6. Backward now, so the guidance render's graph is freed before the reference one.
+            values = dict(info)
+            self._backward(losses, values)
+            # 7. The reference view holds the image: RGB, mask, depth (and normal).
             if self.reference is not None:
-                ref_cam = self._reference_camera(ranges)
+                ref_cam = self._reference_camera(ranges, cfg.render_res)
                 ref_out = render_neus(neus, ref_cam, torch.ones(3, device=self.device),
-                                      cfg.num_samples, cos_anneal_ratio=anneal, occupancy=occupancy)
+                                      cfg.num_samples, cos_anneal_ratio=anneal, occupancy=occupancy,
+                                      stratified=True, generator=self.device_generator)
                 ref_depth = view_axis_depth(ref_out["depth"], ref_out["opacity"], ref_cam)
                 ref = reference_terms(self.reference, ref_cam, ref_out["rgb"], ref_out["opacity"],
                                       ref_depth, ref_out["normal"])
-                losses["ref_rgb"] = (cfg.ref_rgb_weight, ref["rgb"])
-                losses["ref_mask"] = (cfg.ref_mask_weight, ref["mask"])
+                ref_losses = {"ref_rgb": (cfg.ref_rgb_weight, ref["rgb"]),
+                              "ref_mask": (cfg.ref_mask_weight, ref["mask"])}
                 if "depth" in ref:
-                    losses["ref_depth"] = (cfg.ref_depth_weight, ref["depth"])
+                    ref_losses["ref_depth"] = (cfg.ref_depth_weight, ref["depth"])
                 if "normal" in ref:
-                    losses["ref_normal"] = (cfg.ref_normal_weight, ref["normal"])
-            # 6. Regularisers: eikonal on the SDF gradient, sparsity of the opacity.
-            losses["eikonal"] = (cfg.eikonal_weight, out["eikonal"])
-            losses["sparsity"] = (cfg.sparsity_weight, out["opacity"].mean())
-            # 7. One optimiser step on the weighted sum (a diverged loss stops the job).
-            values = self._optimise(optimiser, losses, info)
-            # 8. Stream: progress (+ preview), a mesh from the SDF, a checkpoint.
+                    ref_losses["ref_normal"] = (cfg.ref_normal_weight, ref["normal"])
+                self._backward(ref_losses, values)
+            # 8. One optimiser step on the summed gradients.
+            optimiser.step()
+            # 9. Stream: progress (+ preview), a mesh from the SDF, a checkpoint.
             self._after_step(cadence, step, timer, values, out["rgb"],
                              mesh_fn=lambda: self._neus_mesh(neus),
                              modules={"neus": neus}, optimisers={"coarse": optimiser},
@@ -257,7 +283,7 @@ class Job:
         from backend.dmtet import DMTet
         from backend.raster import render_mesh
         from backend.stages.losses import (normal_consistency_loss, reference_terms,
-                                           shade_normals)
+                                           shade_colors, shade_normals)
 
         cfg = self.config.geometry
         self.stage = "geometry"
@@ -265,10 +291,13 @@ class Job:
             neus = self._new_neus()
             neus.load_state_dict(resume.modules["neus"])
         neus.update_step(self.config.coarse.steps)  # every hash-grid level the coarse stage reached
-        dmtet = DMTet.from_sdf(neus, cfg.dmtet_res, self.device)
+        neus.requires_grad_(False)  # its colour field is inherited as it is: only DMTet learns
+        dmtet = DMTet.from_sdf(neus, cfg.dmtet_res, self.device, padding=0.1)
         optimiser = torch.optim.Adam(dmtet.parameters(), lr=cfg.lr)
         start = self._restore(resume, {"dmtet": dmtet}, {"geometry": optimiser})
-        hybrid = self._hybrid_guidance(cfg.steps, cfg, cfg.t_range, cfg.t_range)
+        hybrid = self._hybrid_guidance(1, cfg.t_range, cfg.t_range, t_range_3d=cfg.t_range_3d)
+        reference = self._reference(cfg.render_res)
+        white = torch.ones(3, device=self.device)
         ranges = self._camera_ranges()
         cadence = self._cadence(cfg.steps)
         self._stage_start("geometry", cfg.steps, start, {"neus": neus, "dmtet": dmtet},
@@ -283,31 +312,38 @@ class Job:
             if len(faces_fx3) == 0:
                 raise JobFailed(f"the surface vanished at geometry step {step}; "
                                 "try another seed or more coarse steps")
-            # 3. Rasterise normal-shaded views from random cameras.
+            # 3. Rasterise random views: normal-shaded, and coloured by NeuS's colour field
+            #    (over white) where a prior looks at colours.
             cams = sample_cameras(ranges, cfg.batch, cfg.render_res, cfg.render_res, 1.0,
                                   self.generator, self.device)
             render = render_mesh(self.rasterizer, verts_vx3, faces_fx3, cams)
-            shaded = shade_normals(render)
-            # 4. SDS on the shaded renders (+ Zero123 with an image).
+            rgb_step = step % cfg.rgb_every == 0
+            rgb = None
+            if rgb_step or hybrid.uses_zero123:
+                rgb = shade_colors(render, neus.color, white)
+            shown = rgb if rgb_step else shade_normals(render)
+            # 4. SDS: the 2D prior on the normals (the colours every `rgb_every` steps),
+            #    Zero123 (with an image) on the colours.
             losses = {}
-            sds, info = hybrid.loss(shaded, cams, step, self.device_generator)
-            losses["hybrid_sds"] = (cfg.sds_weight, sds)
-            # 5. The reference view's mask and depth.
-            if self.reference is not None:
-                ref_cam = self._reference_camera(ranges)
+            sds, info = hybrid.loss(shown, cams, step, self.device_generator, rgb_3d_bxhxwx3=rgb)
+            losses["hybrid_sds"] = (1.0, sds)
+            # 5. The reference view's colours, mask and depth.
+            if reference is not None:
+                ref_cam = self._reference_camera(ranges, cfg.render_res)
                 ref_render = render_mesh(self.rasterizer, verts_vx3, faces_fx3, ref_cam)
-                ref = reference_terms(self.reference, ref_cam, None, ref_render.mask,
-                                      ref_render.depth, ref_render.normal)
+                ref = reference_terms(reference, ref_cam, shade_colors(ref_render, neus.color, white),
+                                      ref_render.mask, ref_render.depth, ref_render.normal)
+                losses["ref_rgb"] = (cfg.ref_rgb_weight, ref["rgb"])
                 losses["ref_mask"] = (cfg.ref_mask_weight, ref["mask"])
                 if "depth" in ref:
                     losses["ref_depth"] = (cfg.ref_depth_weight, ref["depth"])
             # 6. Smoothness: neighbouring faces should agree on their normals.
-            losses["normal_consistency"] = (cfg.normal_consistency_weight,
+            losses["normal_consistency"] = (self._normal_consistency_weight(step),
                                             normal_consistency_loss(verts_vx3, faces_fx3))
             # 7. One optimiser step on the weighted sum (a diverged loss stops the job).
             values = self._optimise(optimiser, losses, info)
             # 8. Stream: progress (+ preview), the extracted mesh, a checkpoint.
-            self._after_step(cadence, step, timer, values, shaded,
+            self._after_step(cadence, step, timer, values, shown,
                              mesh_fn=lambda: (verts_vx3.detach(), faces_fx3),
                              modules={"neus": neus, "dmtet": dmtet},
                              optimisers={"geometry": optimiser})
@@ -393,6 +429,7 @@ class Job:
             if target is not None:
                 fit_color_field(color, surface, target, cfg.init_fit_steps, cfg.lr,
                                 self.rasterizer, self.generator, self.device, self.ctx)
+        reference = self._reference(cfg.render_res)
         ranges = self._camera_ranges()
         cadence = self._cadence(cfg.steps)
         self._stage_start("texture", cfg.steps, start, modules, {"texture": optimiser},
@@ -407,22 +444,26 @@ class Job:
                                   self.generator, self.device)
             background = torch.rand(3, generator=self.generator).to(self.device)
             rgb, _ = render_colors(self.rasterizer, surface, color, cams, background)
-            # 3. BSD: the LoRAs learn the renders' score, the colours follow the prior.
-            losses = {}
+            # 3. BSD: the bootstrap phase trains the DreamBooth LoRA (no texture gradient), the
+            #    rest distils the difference of the two scores into the colours.
             try:
                 bsd_loss, info = bsd.step(rgb, cams, step, cfg.steps)
             except FloatingPointError as exc:
                 raise self._diverged(str(exc)) from exc
-            losses["bsd"] = (cfg.bsd_weight, bsd_loss)
+            optimiser.zero_grad(set_to_none=True)
+            values = dict(info)
+            if bsd_loss is not None:  # backward now: the render's graph goes before the next
+                self._backward({"bsd": (cfg.bsd_weight, bsd_loss)}, values)
             # 4. The reference view keeps the image's colours.
-            if self.reference is not None:
-                ref_cam = self._reference_camera(ranges)
+            if reference is not None:
+                ref_cam = self._reference_camera(ranges, cfg.render_res)
                 ref_rgb, ref_render = render_colors(self.rasterizer, surface, color, ref_cam,
                                                     torch.ones(3, device=self.device))
-                ref = reference_terms(self.reference, ref_cam, ref_rgb, ref_render.mask)
-                losses["ref_rgb"] = (cfg.ref_rgb_weight, ref["rgb"])
-            # 5. One optimiser step on the weighted sum (a diverged loss stops the job).
-            values = self._optimise(optimiser, losses, info)
+                ref = reference_terms(reference, ref_cam, ref_rgb, ref_render.mask)
+                self._backward({"ref_rgb": (cfg.ref_rgb_weight, ref["rgb"])}, values)
+            # 5. One optimiser step on the summed gradients (none in a text-only bootstrap step).
+            if "total" in values:
+                optimiser.step()
             # 6. Stream: progress (+ preview), the mesh with vertex colours, a checkpoint.
             self._after_step(cadence, step, timer, values, rgb,
                              mesh_fn=lambda: self._colored_surface(surface, color),
@@ -519,19 +560,27 @@ class Job:
     def _generators(self) -> dict[str, torch.Generator]:
         return {"cpu": self.generator, "device": self.device_generator}
 
-    def _optimise(self, optimiser: torch.optim.Optimizer, losses: dict[str, tuple[float, Tensor]],
-                  info: dict[str, float]) -> dict[str, float]:
-        """Sum the weighted `losses`, stop the job if the sum is not finite, else take one step
-        of `optimiser`. Returns the loss values (with the guidance's `info`) for progress."""
+    def _backward(self, losses: dict[str, tuple[float, Tensor]], values: dict[str, float]) -> None:
+        """Backward the weighted sum of `losses` now (its graph is freed), adding each loss value
+        and the running "total" to `values` (for progress); a sum that is not finite stops the
+        job."""
         from backend.stages.losses import sum_losses
 
-        total, values = sum_losses(losses)
-        values.update(info)
+        total, parts = sum_losses(losses)
+        parts["total"] += values.get("total", 0.0)
+        values.update(parts)
         if not torch.isfinite(total).item():
             bad = [name for name, value in values.items() if not math.isfinite(value)]
             raise self._diverged(f"NaN loss: {', '.join(bad)}" if bad else "NaN loss")
-        optimiser.zero_grad(set_to_none=True)
         total.backward()
+
+    def _optimise(self, optimiser: torch.optim.Optimizer, losses: dict[str, tuple[float, Tensor]],
+                  info: dict[str, float]) -> dict[str, float]:
+        """One step of `optimiser` on the weighted sum of `losses`. Returns the loss values (with
+        the guidance's `info`) for progress."""
+        optimiser.zero_grad(set_to_none=True)
+        values = dict(info)
+        self._backward(losses, values)
         optimiser.step()
         return values
 
@@ -565,8 +614,13 @@ class Job:
             elevation_deg=camera.elevation_deg,
             azimuth_deg=camera.azimuth_deg,
             distance=camera.distance,
-            fov_deg=camera.fov_deg,
+            fov_deg=self._text_only_fov() or camera.fov_deg,
         ))
+
+    def _text_only_fov(self) -> tuple[float, float] | None:
+        """The widened field-of-view range of a text-only job's training views, or None
+        (image jobs, or ranges that frame the whole scene already)."""
+        return text_only_fov_deg(self.config.camera) if self.reference_source is None else None
 
     def _widen(self, step: int) -> float:
         """Progressive view training: 0 (the reference view) to 1 (the full ranges) over the
@@ -576,35 +630,51 @@ class Job:
             return 1.0
         return min(1.0, step / max(1.0, cfg.widen_fraction * cfg.steps))
 
-    def _reference_camera(self, ranges):
-        """The reference view at the coarse render size (every stage; the reference-view losses
-        resize the reference image to it)."""
+    def _normal_consistency_weight(self, step: int) -> float:
+        """The geometry stage's normal-consistency weight at `step`: its two values (relative
+        to the 2D prior's SDS weight) joined linearly between the ramp's fractions."""
+        cfg = self.config.geometry
+        (first, last), (ramp_start, ramp_end) = cfg.normal_consistency, cfg.normal_consistency_ramp
+        fraction = step / max(1, cfg.steps)
+        span = max(ramp_end - ramp_start, 1e-9)
+        along = min(1.0, max(0.0, (fraction - ramp_start) / span))
+        return self._balance().sds_weight * (first + (last - first) * along)
+
+    def _reference_camera(self, ranges, size: int):
+        """The reference view at `size`² pixels (each stage draws it at its own render size)."""
         from backend.cameras import reference_camera
 
-        size = self.config.coarse.render_res
         return reference_camera(ranges, size, size, self.device)
 
-    def _prepare_reference(self):
-        """The reference image, or None for text-only jobs. Prepared once, at the larger of
-        Zero123's input size and the coarse render size: Zero123 encodes it as it is, the
-        reference-view losses resize it to the reference view's render."""
+    def _decode_reference(self):
+        """The job's reference image decoded once ([H, W, 3|4] floats), or None for text-only
+        jobs; every stage prepares its own copy from it."""
         if "image" not in self.ctx.inputs:
             return None
-        from backend.guidance.reference import prepare_reference
+        from backend.guidance.reference import decode_image
 
-        size = self.config.coarse.render_res
-        if self.guidance.zero123 is not None:
-            size = max(size, self.guidance.zero123.resolution)
-        return prepare_reference(self.ctx.inputs["image"], size=size,
-                                 models=self.guidance, device=self.device)
+        return decode_image(self.ctx.inputs["image"])
+
+    def _reference(self, size: int):
+        """The reference prepared at `size`² (mask, recentring, depth), made once per size; None
+        for text-only jobs."""
+        if self.reference_source is None:
+            return None
+        if size not in self._prepared_references:
+            from backend.guidance.reference import prepare_reference
+
+            self._prepared_references[size] = prepare_reference(
+                self.reference_source, size=size, models=self.guidance, device=self.device)
+        return self._prepared_references[size]
 
     def _zero123_reference(self):
-        """Zero123's encoding of the reference image (None for text-only jobs), made once."""
-        if self.reference is None or self.guidance.zero123 is None:
+        """Zero123's encoding of the reference image (None for text-only jobs), made once from
+        the copy prepared at Zero123's own input size."""
+        if self.reference_source is None or self.guidance.zero123 is None:
             return None
-        if getattr(self, "_z123_reference", None) is None:
-            self._z123_reference = self.guidance.zero123.encode_reference(self.reference.rgb_hxwx3,
-                                                                          self.reference.mask_hxwx1)
+        if self._z123_reference is None:
+            reference = self._reference(self.guidance.zero123.resolution)
+            self._z123_reference = self.guidance.zero123.encode_reference(reference.rgb_hxwx3, reference.mask_hxwx1)
         return self._z123_reference
 
     def _embeddings(self, view_dependent: bool):
@@ -614,11 +684,18 @@ class Job:
         return encode_prompt(self.guidance.prior2d, params.prompt, params.negative_prompt,
                              view_dependent=view_dependent)
 
-    def _hybrid_guidance(self, steps: int, cfg, t_start: tuple[float, float],
-                         t_end: tuple[float, float]):
-        """L_SDS + mu * L_3D-SDS with the stage's weights, timesteps annealed over its steps."""
+    def _balance(self):
+        """The hybrid SDS weights and scales for the loaded 2D prior (its kind, or "oracle")."""
+        prior = self.guidance.prior2d
+        return self.config.balance(getattr(prior, "balance", prior.kind))
+
+    def _hybrid_guidance(self, anneal_steps: int, t_start: tuple[float, float],
+                         t_end: tuple[float, float], t_range_3d: tuple[float, float] | None = None):
+        """λ_sd·L_SDS + λ_3d·L_3D-SDS with the prior's balance; the 2D prior's timesteps move from
+        `t_start` to `t_end` over `anneal_steps`, Zero123's too unless `t_range_3d` fixes them."""
         from backend.guidance.schedule import HybridConfig, HybridGuidance
 
+        balance = self._balance()
         elevation, azimuth, distance, _ = self.config.camera.reference
         return HybridGuidance(
             self.guidance,
@@ -626,13 +703,16 @@ class Job:
             self._zero123_reference(),
             (elevation, azimuth, distance),
             HybridConfig(
-                mu=cfg.zero123_weight,
-                anneal_steps=max(1, steps),
+                sds_weight=balance.sds_weight,
+                zero123_weight=balance.zero123_weight,
+                anneal_steps=anneal_steps,
                 t_start=t_start,
                 t_end=t_end,
-                guidance_scale_2d=cfg.guidance_scale,
-                guidance_scale_3d=cfg.guidance_scale_3d,
-                perp_neg=False,
+                t_start_3d=t_range_3d,
+                t_end_3d=t_range_3d,
+                guidance_scale_2d=balance.guidance_scale,
+                guidance_scale_3d=balance.guidance_scale_3d,
+                perp_neg=balance.perp_neg,
                 distill=self.config.distill,
             ),
         )
@@ -669,8 +749,10 @@ class Job:
 
         cfg = self.config.texture
         return BSDConfig(lora_rank=cfg.lora_rank, guidance_scale=cfg.guidance_scale,
-                         t_range=cfg.t_range, restore_steps=cfg.restore_steps,
-                         finetune_every=cfg.bootstrap_every, finetune_iters=cfg.bootstrap_iters)
+                         restore_guidance_scale=cfg.restore_guidance_scale, t_min=cfg.t_min,
+                         t_max=cfg.t_max, restore_steps=cfg.restore_steps,
+                         bootstrap_period=cfg.bootstrap_period, restore_every=cfg.restore_every,
+                         cache_size=cfg.cache_size)
 
     def _initial_colors(self, neus):
         """What the colour field starts from: the input texture (refine, when its UVs came with

@@ -12,9 +12,9 @@ UNet (the SD 1.x config with 8 input channels, cross-attention 768, 32² latents
 VAE. Text and reference embeddings are random tensors of the real shapes (they are computed once
 per job, not per step). A step is forward + backward down to the rendered image:
 
-    hybrid   HybridGuidance.loss (2D SDS at 512² + μ·Zero123 3D-SDS at 256²), then backward
-    bsd      BSD.step without a DreamBooth round (VSD LoRA update + texture gradient), backward
-    round    one DreamBooth round (restore_steps DDIM steps + finetune_iters LoRA updates)
+    hybrid   HybridGuidance.loss (λ_sd·2D SDS at 512² + λ_3d·Zero123 3D-SDS at 256²), then backward
+    bsd      BSD.step outside a bootstrap phase (texture gradient + VSD LoRA update), backward
+    round    one bootstrap step with a restore (restore_steps DDIM steps + one DreamBooth update)
 
 Prints one JSON object: median milliseconds over --repeats after --warmup, and peak memory (MiB,
 torch.cuda.max_memory_allocated per measured phase; null on the CPU).
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
                                  torch.full((batch,), 3.8), torch.full((batch,), 20.0), res, res).to(device)
     render = torch.rand(batch, res, res, 3, device=device)
 
-    # 1. Hybrid SDS: 2D SDS + μ·Zero123 3D-SDS, backward to the render.
+    # 1. Hybrid SDS: λ_sd·2D SDS + λ_3d·Zero123 3D-SDS, backward to the render.
     hybrid = HybridGuidance(models, embeddings, reference, (0.0, 0.0, 3.8), HybridConfig(anneal_steps=1000))
 
     def hybrid_step():
@@ -183,9 +183,10 @@ def run(args: argparse.Namespace) -> dict:
     hybrid_ms, hybrid_peak = _timed(hybrid_step, device, args.warmup, args.repeats)
     _log_phase("hybrid step", hybrid_ms, hybrid_peak)
 
-    # 2. BSD: a texture step (VSD LoRA update + texture gradient) and a DreamBooth round.
-    config = BSDConfig(lora_rank=args.lora_rank, finetune_every=10**9, restore_steps=args.restore_steps,
-                       finetune_iters=args.finetune_iters)
+    # 2. BSD: a texture step (texture gradient + VSD LoRA update) and a bootstrap step with a
+    #    restore (a period of 1 has no bootstrap phase, so BSD.step always distils).
+    config = BSDConfig(lora_rank=args.lora_rank, bootstrap_period=1, restore_every=1,
+                       restore_steps=args.restore_steps)
     bsd = BSD(models.prior2d, embeddings, config, generator)
     step_counter = iter(range(1, 10**9))
 
@@ -195,7 +196,9 @@ def run(args: argparse.Namespace) -> dict:
         loss.backward()
 
     def bsd_round():
-        bsd.finetune_step(render, cameras, step=0, total=1000)
+        with torch.no_grad():
+            x0 = models.prior2d.encode(render)
+        bsd.bootstrap_step(x0, cameras, step=0, total=1000)
 
     try:
         bsd_ms, bsd_peak = _timed(bsd_step, device, args.warmup, args.repeats)
@@ -216,7 +219,7 @@ def run(args: argparse.Namespace) -> dict:
         "bsd_step_peak_mib": round(bsd_peak, 1) if bsd_peak is not None else None,
         "bsd_round_ms": round(round_ms, 2),
         "bsd_round_peak_mib": round(round_peak, 1) if round_peak is not None else None,
-        "bsd_round": {"restore_steps": args.restore_steps, "finetune_iters": args.finetune_iters},
+        "bsd_round": {"restore_steps": args.restore_steps, "dreambooth_updates": 1},
         "lora_rank": args.lora_rank,
         "torch": torch.__version__,
     }
@@ -230,7 +233,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render-res", type=int, default=128, help="render side in pixels (default 128)")
     parser.add_argument("--lora-rank", type=int, default=16, help="BSD LoRA rank (default 16)")
     parser.add_argument("--restore-steps", type=int, default=10, help="DDIM steps of a restoration (default 10)")
-    parser.add_argument("--finetune-iters", type=int, default=20, help="LoRA updates per DreamBooth round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (default 5)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,

@@ -173,5 +173,5 @@ class Distiller:
         # 1. The gradient against the LoRA's score of the renders as they were, 2. its update.
         loss, info = self.vsd.texture_loss_on(x0, cameras, t_range)
         if self.vsd.trainable:
-            self.vsd.vsd_step_on(x0.detach().float(), cameras)
+            self.vsd.vsd_step(x0, cameras)
         return loss, info

@@ -9,10 +9,12 @@
 
 The data distribution, for a camera c: the object's render x*_k(c) for one of K = 2 looks (its
 colours — the texture, or (n + 1) / 2 of its world normals when untextured — and its normal-shaded
-render, what the geometry stage shows the prior), over a plain background of any colour b.
+render, what the geometry stage shows the prior), over a plain background: of any colour b for
+the 2D prior (the pipeline shows it random backgrounds), white for Zero123 (its training renders
+are all over white, and the pipeline composites its inputs over white).
 Its optimal noise prediction, with x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε:
 
-    b̂     = clamp(Σ (1 − m)·x_t / (√ᾱ_t·Σ (1 − m)))       per channel, m the object's mask
+    b̂     = clamp(Σ (1 − m)·x_t / (√ᾱ_t·Σ (1 − m)))       per channel, m the object's mask (Zero123: 1)
     x_k   = m·x*_k(c) + (1 − m)·b̂
     w_k   = softmax_k(−‖x_t − √ᾱ_t·x_k‖² / (2·(1 − ᾱ_t)))  the posterior of the look
     x̂₀    = Σ_k w_k·x_k
@@ -210,6 +212,10 @@ class _OracleDenoiser:
 
     unet = None
     """No weights: BSD's LoRAs have nothing to adapt."""
+    balance = "oracle"
+    """Its row of the hybrid balance table (backend.config.HYBRID_BALANCE)."""
+    white_background = False
+    """True: the data's background is white (Zero123's); False: any plain colour, estimated."""
 
     def __init__(self, name: str, obj: OracleObject, resolution: int, vae: Any = None) -> None:
         device = obj.verts_vx3.device
@@ -252,9 +258,12 @@ class _OracleDenoiser:
         root = alpha_bar.sqrt()
         if self.vae is None:
             mask = mask_bxhxwx1.permute(0, 3, 1, 2)
-            outside = (1.0 - mask).sum(dim=(2, 3), keepdim=True)
-            background = ((1.0 - mask) * x_t).sum(dim=(2, 3), keepdim=True) / (root * outside).clamp_min(1e-8)
-            background = torch.where(outside > 0, background.clamp(-1.0, 1.0), torch.ones_like(background))
+            if self.white_background:
+                background = torch.ones_like(x_t[:, :, :1, :1])
+            else:
+                outside = (1.0 - mask).sum(dim=(2, 3), keepdim=True)
+                background = ((1.0 - mask) * x_t).sum(dim=(2, 3), keepdim=True) / (root * outside).clamp_min(1e-8)
+                background = torch.where(outside > 0, background.clamp(-1.0, 1.0), torch.ones_like(background))
             candidates = [(look.permute(0, 3, 1, 2) * 2.0 - 1.0) * mask + background * (1.0 - mask) for look in looks]
         else:
             candidates = [self.encode(look + (1.0 - mask_bxhxwx1)) for look in looks]
@@ -304,6 +313,7 @@ class OracleZero123(_OracleDenoiser):
     decoded from Zero123's conditioning [Δpolar, sin Δazimuth, cos Δazimuth, Δradius]."""
 
     variant = "zero123"
+    white_background = True
 
     def __init__(self, name: str, obj: OracleObject, resolution: int = ZERO123_RESOLUTION, vae: Any = None) -> None:
         super().__init__(name, obj, resolution, vae)

@@ -9,7 +9,9 @@ Preparing (all on the CPU side, before any GPU work; bad input raises GuidanceIn
      differ from the median colour of the image border (for objects photographed on a plain
      background); an empty mask is an error;
   3. recentre: the mask's bounding box is centred in a square whose side leaves `border` of the
-     output free on each side around the longer side of the box, then resized to `size`;
+     output free on each side around the longer side of the box, then resized to `size` with
+     premultiplied alpha (the colour under transparent pixels never bleeds into the edge, so
+     no dark halo);
   4. the RGB composited on white (Zero123's convention);
   5. depth (when a depth estimator is loaded): the estimator's output as it comes, disparity
      (relative inverse depth: Depth Anything, DPT) or metric depth (`Estimator.output`),
@@ -153,17 +155,19 @@ def _run_matting(matting, rgb_hxwx3: np.ndarray) -> np.ndarray:
 
 
 def _recentre(rgba_hxwx4: np.ndarray, size: int, border: float) -> torch.Tensor:
-    """[size, size, 4]: the mask's bounding box centred, its longer side (1 − 2·border)·size."""
+    """[size, size, 4] premultiplied (rgb·a, a): the mask's bounding box centred, its longer
+    side (1 − 2·border)·size."""
     mask = rgba_hxwx4[..., 3] > 0.5
     rows, cols = np.nonzero(mask)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     object_side = max(bottom - top, right - left)
     side = int(math.ceil(object_side / (1.0 - 2.0 * border)))
     canvas = np.zeros((side, side, 4), dtype=np.float32)
-    canvas[..., :3] = 1.0
     row0 = (side - (bottom - top)) // 2
     col0 = (side - (right - left)) // 2
-    canvas[row0 : row0 + bottom - top, col0 : col0 + right - left] = rgba_hxwx4[top:bottom, left:right]
+    crop = rgba_hxwx4[top:bottom, left:right]
+    premultiplied = np.concatenate([crop[..., :3] * crop[..., 3:], crop[..., 3:]], axis=-1)
+    canvas[row0 : row0 + bottom - top, col0 : col0 + right - left] = premultiplied
     square = torch.from_numpy(canvas).permute(2, 0, 1)[None]
     resized = F.interpolate(square, (size, size), mode="bilinear", align_corners=False, antialias=True)
     return resized[0].permute(1, 2, 0).clamp(0.0, 1.0)
@@ -211,10 +215,10 @@ def prepare_reference(
         raise GuidanceInputError(
             "image", f"has nothing in its mask (mask from {source}); send a PNG whose alpha marks the object"
         )
-    # 3. Recentre and resize; 4. composite on white.
+    # 3. Recentre and resize (premultiplied); 4. composite on white.
     square = _recentre(np.concatenate([rgb, mask[..., None]], axis=-1), size, border)
     mask_t = square[..., 3:]
-    rgb_t = square[..., :3] * mask_t + (1.0 - mask_t)
+    rgb_t = (square[..., :3] + (1.0 - mask_t)).clamp(0.0, 1.0)
     # 5. Depth.
     depth_model = getattr(models, "depth", None)
     depth_t = _estimate_depth(depth_model, rgb_t, mask_t) if depth_model is not None else None

@@ -176,8 +176,9 @@ def from_bytes(data: bytes) -> Checkpoint:
 
 class BSDState:
     """`state_dict` / `load_state_dict` for a `backend.guidance.bsd.BSD`: both LoRAs' weights,
-    their camera MLPs and their optimisers, keyed by role ("dreambooth", "vsd") because adapter
-    names differ from one BSD instance to the next."""
+    their camera MLPs, optimisers and gradient scalers, keyed by role ("dreambooth", "vsd")
+    because adapter names differ from one BSD instance to the next, and the cache of restored
+    renders."""
 
     def __init__(self, bsd: Any) -> None:
         self.bsd = bsd
@@ -194,7 +195,9 @@ class BSDState:
                 "lora": [param.detach().clone() for param in self.bsd.lora_parameters(adapter)],
                 "camera": self.bsd.cameras[adapter].state_dict(),
                 "optimizer": self.bsd.optimizers[adapter].state_dict(),
+                "scaler": self.bsd.scalers[adapter].state_dict(),
             }
+        state["cache"] = [(x0.detach().clone(), c2w.detach().clone()) for x0, c2w in self.bsd.cache]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -208,3 +211,6 @@ class BSDState:
                     param.copy_(value.to(param.device, param.dtype))
             self.bsd.cameras[adapter].load_state_dict(state[role]["camera"])
             self.bsd.optimizers[adapter].load_state_dict(state[role]["optimizer"])
+            self.bsd.scalers[adapter].load_state_dict(state[role]["scaler"])
+        device = self.bsd.prior.device
+        self.bsd.cache = [(x0.to(device), c2w.to(device)) for x0, c2w in state["cache"]]

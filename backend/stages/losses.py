@@ -35,6 +35,33 @@ def shade_normals(render: Any, background: float = 1.0) -> Tensor:
     return color * render.mask + background * (1.0 - render.mask)
 
 
+def shade_colors(render: Any, color: Callable[[Tensor], Tensor], background: Tensor) -> Tensor:
+    """[B, H, W, 3]: a colour field evaluated at a mesh render's surface points, composited over
+    `background` ([3]) with the render's antialiased mask."""
+    hit_bxhxw = render.rast[..., 3] > 0
+    rgb = torch.zeros(*hit_bxhxw.shape, 3, device=render.xyz.device)
+    if bool(hit_bxhxw.any()):
+        rgb = rgb.index_put((hit_bxhxw,), color(render.xyz[hit_bxhxw]).to(rgb.dtype))
+    return rgb * render.mask + background * (1.0 - render.mask)
+
+
+def over_white(rgb_bxhxwx3: Tensor, opacity_bxhxwx1: Tensor, background: Tensor) -> Tensor:
+    """A render composited over `background` ([3]) recomposited over white: what Zero123 was
+    trained on (rgb = fg + (1 − a)·bg, so fg + (1 − a)·1 = rgb + (1 − a)·(1 − bg))."""
+    return rgb_bxhxwx3 + (1.0 - opacity_bxhxwx1) * (1.0 - background.to(rgb_bxhxwx3))
+
+
+def sparsity_loss(opacity_bxhxwx1: Tensor) -> Tensor:
+    """mean sqrt(a² + 0.01): keeps empty space empty (threestudio's sparsity term)."""
+    return (opacity_bxhxwx1 ** 2 + 0.01).sqrt().mean()
+
+
+def opaque_loss(opacity_bxhxwx1: Tensor) -> Tensor:
+    """Mean binary entropy of the opacity: pixels end up covered or empty, never half."""
+    a = opacity_bxhxwx1.clamp(1e-3, 1.0 - 1e-3)
+    return -(a * a.log() + (1.0 - a) * (1.0 - a).log()).mean()
+
+
 def normal_consistency_loss(verts_vx3: Tensor, faces_fx3: Tensor) -> Tensor:
     """mean (1 − cos) between the normals of faces sharing an edge."""
     faces = faces_fx3.long()
@@ -108,11 +135,7 @@ def render_colors(rasterizer: Any, surface: Any, color: Callable[[Tensor], Tenso
     from backend.raster import render_mesh
 
     render = render_mesh(rasterizer, surface.verts_vx3, surface.faces_fx3, cameras)
-    hit_bxhxw = render.rast[..., 3] > 0
-    rgb = torch.zeros(*hit_bxhxw.shape, 3, device=render.xyz.device)
-    if bool(hit_bxhxw.any()):
-        rgb = rgb.index_put((hit_bxhxw,), color(render.xyz[hit_bxhxw]))
-    return rgb * render.mask + background * (1.0 - render.mask), render
+    return shade_colors(render, color, background), render
 
 
 def fit_color_field(

@@ -187,13 +187,13 @@ def test_sdf_gradient_matches_finite_differences():
         assert math.isclose(grad[vertex].item(), ((plus - minus) / (2 * eps)).item(), rel_tol=2e-2, abs_tol=1e-3)
 
 
-def test_deformation_is_bounded_by_half_a_cell():
+def test_deformation_is_bounded_by_one_cell():
     dmtet = DMTet.from_sdf(SphereSDF(0.4), 8, "cpu")
     with torch.no_grad():
         dmtet.deform.fill_(100.0)
     ids = torch.arange(dmtet.grid.num_vertices)
     moved = dmtet.vertex_positions(ids) - dmtet.grid.positions(ids)
-    assert torch.allclose(moved, torch.full_like(moved, dmtet.grid.cell_size / 2))
+    assert torch.allclose(moved, torch.full_like(moved, dmtet.grid.cell_size))
 
 
 def test_from_sdf_validates_the_field():
@@ -262,3 +262,25 @@ def test_a_mask_loss_alone_reaches_sdf_and_deform_through_the_silhouette():
     inside_ids = torch.nonzero(dmtet.sdf.detach() < 0).squeeze(-1)
     outside_near = torch.nonzero((dmtet.sdf.detach() > 0) & (dmtet.sdf.grad != 0)).squeeze(-1)
     assert inside_ids.numel() > 0 and (dmtet.sdf.grad[outside_near] < 0).float().mean() > 0.9
+
+
+def test_the_grid_around_a_surface_hugs_its_bounding_box():
+    """An off-centre box inside the scene cube: the grid is the cube around its bounding box,
+    padded by 10 % of the longest side on each side, so every cell spans the object."""
+    half, centre = (0.3, 0.2, 0.1), torch.tensor([0.2, -0.1, 0.05])
+    box = BoxSDF(half)
+    field = type("Shifted", (), {"sdf": staticmethod(lambda x: box.sdf(x - centre))})()
+    dmtet = DMTet.from_sdf(field, 32, "cpu", padding=0.1)
+    grid = dmtet.grid
+    assert grid.bound == pytest.approx(0.6 * 1.2 / 2, rel=0.05)
+    assert torch.allclose(torch.tensor(grid.centre), centre, atol=0.03)
+    assert grid.cell_size < 0.5 * TetGrid(32).cell_size
+    verts, faces = dmtet.extract()
+    assert_clean_closed_mesh(verts.detach(), faces)
+    low, high = verts.min(0).values, verts.max(0).values
+    assert torch.allclose(high - low, 2 * torch.tensor(half), atol=2 * grid.cell_size)
+
+
+def test_a_field_without_surface_keeps_the_whole_cube():
+    dmtet = DMTet.from_sdf(SphereSDF(5.0), 8, "cpu", padding=0.1)
+    assert dmtet.grid.bound == 1.0 and dmtet.grid.centre == (0.0, 0.0, 0.0)

@@ -109,8 +109,9 @@ def test_initial_sphere_renders_opaque_inside_its_silhouette():
     towards_camera = cameras.positions_bx3 / 3.8
     normal = torch.nn.functional.normalize(out["normal"][:, 10, 10], dim=-1)
     assert float((normal * towards_camera).sum(-1).min()) > 0.98
-    # the sphere SDF has unit gradient: the eikonal term is ~0
-    assert float(out["eikonal"]) < 1e-6
+    # the sphere SDF has unit gradient: the eikonal term is ~0 (the finite differences' error
+    # on the curved surface, of order (eps / r)^2)
+    assert float(out["eikonal"]) < 1e-4
 
 
 def test_render_neus_matches_render_rays_on_flat_batches():

@@ -294,17 +294,18 @@ def test_zero123_encodes_the_reference_at_its_own_size_and_the_losses_at_the_ren
     ctx = _context(tmp_path / "out", "generate", {"prompt": "a red ball"}, {"image": image})
     config = config_for_job(ctx.params, runner.preset)
     job = Job(ctx, config, runner.guidance, runner.torch_device)
-    job.reference = job._prepare_reference()
+    job.reference_source = job._decode_reference()
     z123 = runner.guidance.zero123
     assert config.coarse.render_res < z123.resolution  # tiny: 16² renders, Zero123 sees 32²
     # Zero123's conditioning comes from the image prepared at Zero123's input size, not upsampled
     # from a render-size reference.
-    assert tuple(job.reference.rgb_hxwx3.shape) == (z123.resolution, z123.resolution, 3)
     at_z123_size = prepare_reference(image, size=z123.resolution, models=runner.guidance)
     expected = z123.encode_reference(at_z123_size.rgb_hxwx3, at_z123_size.mask_hxwx1)
     encoded = job._zero123_reference()
     torch.testing.assert_close(encoded.latents_1xcxhxw, expected.latents_1xcxhxw)
     torch.testing.assert_close(encoded.image_embeds_1x1xd, expected.image_embeds_1x1xd)
-    # The reference view is still rendered (and its losses taken) at the coarse render size.
-    ref_cam = job._reference_camera(job._camera_ranges())
-    assert (ref_cam.height, ref_cam.width) == (config.coarse.render_res, config.coarse.render_res)
+    # The reference view and its losses use each stage's render size.
+    size = config.coarse.render_res
+    assert tuple(job._reference(size).rgb_hxwx3.shape) == (size, size, 3)
+    ref_cam = job._reference_camera(job._camera_ranges(), size)
+    assert (ref_cam.height, ref_cam.width) == (size, size)

@@ -165,3 +165,29 @@ def test_normal_consistency_is_zero_on_a_plane_and_positive_on_a_fold() -> None:
     folded = flat.clone()
     folded[3, 2] = 1.0
     assert float(normal_consistency_loss(folded, faces)) > 0.1
+
+
+def test_over_white_turns_a_render_on_any_background_into_the_render_on_white() -> None:
+    from backend.neus import NeuSConfig, NeuSField, render_neus
+    from backend.cameras import orbit_cameras
+    from backend.hashgrid import HashGridConfig
+    from backend.stages.losses import over_white
+
+    torch.manual_seed(0)
+    field = NeuSField(NeuSConfig(grid=HashGridConfig(num_levels=2, log2_table_size=8), hidden_dim=8), "cpu")
+    cameras = orbit_cameras(1, 10.0, 3.8, 20.0, 12, 12)
+    background = torch.tensor([0.2, 0.7, 0.1])
+    with torch.no_grad():
+        on_colour = render_neus(field, cameras, background, 16, inv_s=50.0)
+        on_white = render_neus(field, cameras, torch.ones(3), 16, inv_s=50.0)
+    recomposited = over_white(on_colour["rgb"], on_colour["opacity"], background)
+    assert torch.allclose(recomposited, on_white["rgb"], atol=1e-5)
+    assert not torch.allclose(on_colour["rgb"], on_white["rgb"], atol=1e-2)
+
+
+def test_opaque_loss_is_largest_for_half_covered_pixels() -> None:
+    from backend.stages.losses import opaque_loss
+
+    values = [float(opaque_loss(torch.full((1, 2, 2, 1), a))) for a in (0.0, 0.25, 0.5, 1.0)]
+    assert values[2] == pytest.approx(math.log(2), rel=1e-4)
+    assert values[0] < values[1] < values[2] and values[3] < values[1]

@@ -19,7 +19,7 @@ def test_tiny_bench_prints_one_json_object(capsys, tmp_path, monkeypatch, tiny_f
     (cached / "complete").write_text(TINY_VERSION)
     monkeypatch.setenv("DREAMLOOM_CACHE_DIR", str(tmp_path))
     bench.main(["--device", "cpu", "--tiny", "--render-res", "32", "--warmup", "0", "--repeats", "1",
-                "--restore-steps", "1", "--finetune-iters", "1", "--lora-rank", "2"])
+                "--restore-steps", "1", "--lora-rank", "2"])
     result = json.loads(capsys.readouterr().out)
     assert result["models"] == "tiny" and result["device"] == "cpu" and result["render_res"] == 32
     for key in ("hybrid_step_ms", "bsd_step_ms", "bsd_round_ms"):

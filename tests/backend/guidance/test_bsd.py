@@ -17,7 +17,7 @@ def _cameras(elevation_deg: list[float], azimuth_deg: list[float], distance: flo
 
 
 def _config(**overrides) -> BSDConfig:
-    values = dict(lora_rank=4, restore_steps=2, finetune_every=2, finetune_iters=2, camera_hidden=8)
+    values = dict(lora_rank=4, restore_steps=2, bootstrap_period=5, restore_every=1, cache_size=2, camera_hidden=8)
     values.update(overrides)
     return BSDConfig(**values)
 
@@ -33,8 +33,9 @@ def _unet_out(prior, x, t, states):
         return prior.unet(x, t, encoder_hidden_states=states).sample
 
 
-def test_fresh_bsd_gradient_is_cfg_minus_conditional(tiny_models):
-    """Fresh LoRAs are the base model: grad = w(t)·(ε_u + s(ε_c − ε_u) − ε_c), from plain UNet calls."""
+def test_fresh_bsd_gradient_is_cfg_minus_the_view_independent_prediction(tiny_models):
+    """Fresh LoRAs are the base model: grad = w(t)·(ε_u + s(ε_view − ε_u) − ε_plain), from plain
+    UNet calls (the VSD branch sees the prompt without its view suffix)."""
     prior = tiny_models.prior2d
     embeddings = encode_prompt(prior, "a cow")
     bsd = BSD(prior, embeddings, _config(guidance_scale=6.0), torch.Generator().manual_seed(4))
@@ -50,13 +51,25 @@ def test_fresh_bsd_gradient_is_cfg_minus_conditional(tiny_models):
     cond = embeddings.cond_vxlxd[torch.tensor([2, 0])]
     eps_c = _unet_out(prior, x_t, t, cond)
     eps_u = _unet_out(prior, x_t, t, embeddings.uncond_1xlxd.repeat(2, 1, 1))
+    plain = encode_prompt(prior, "a cow", view_dependent=False)
+    eps_plain = _unet_out(prior, x_t, t, plain.cond_vxlxd.repeat(2, 1, 1))
     w = (1 - prior.scheduler.alphas_cumprod[t]).view(-1, 1, 1, 1)
-    expected = w * (eps_u + 6.0 * (eps_c - eps_u) - eps_c) / 2
+    expected = w * (eps_u + 6.0 * (eps_c - eps_u) - eps_plain) / 2
     assert torch.allclose(x0.grad, expected, atol=1e-5, rtol=1e-4)
     assert view_index(*angles_from_c2w(cameras.c2w_bx4x4)).tolist() == [2, 0]
 
 
-def test_bsd_step_trains_both_loras_and_reaches_the_render(tiny_models):
+def _lora_copy(bsd, name):
+    return [p.detach().clone() for p in bsd.lora_parameters(name)]
+
+
+def _changed(bsd, name, before) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, bsd.lora_parameters(name)))
+
+
+def test_bootstrap_steps_train_dreambooth_then_bsd_reaches_the_render(tiny_models):
+    """Step 0 is the bootstrap phase (period 5): DreamBooth trains, no texture gradient; step 1
+    distils: the render gets a gradient and the VSD LoRA trains. The shared UNet stays the base."""
     prior = tiny_models.prior2d
     embeddings = encode_prompt(prior, "a cow")
     x = torch.randn(1, 4, 16, 16)
@@ -66,21 +79,22 @@ def test_bsd_step_trains_both_loras_and_reaches_the_render(tiny_models):
 
     bsd = BSD(prior, embeddings, _config(), torch.Generator().manual_seed(0))
     try:
-        lora_before = {name: [p.detach().clone() for p in bsd.lora_parameters(name)] for name in (bsd.dreambooth, bsd.vsd)}
-        assert all(len(params) > 0 for params in lora_before.values())
+        dreambooth, vsd = _lora_copy(bsd, bsd.dreambooth), _lora_copy(bsd, bsd.vsd)
+        assert dreambooth and vsd
         rgb = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
-        loss, parts = bsd.step(rgb, _cameras([0.0, 30.0], [0.0, 100.0]), step=0, total=10)
+        cams = _cameras([0.0, 30.0], [0.0, 100.0])
+        loss, parts = bsd.step(rgb, cams, step=0, total=10)
+        assert loss is None and parts["cached_views"] == 1 and "dreambooth" in parts
+        assert parts["t_max"] == pytest.approx(0.5)
+        assert _changed(bsd, bsd.dreambooth, dreambooth) and not _changed(bsd, bsd.vsd, vsd)
+        # The next step is outside the phase: BSD distils.
+        loss, parts = bsd.step(rgb, cams, step=1, total=10)
         loss.backward()
         assert rgb.grad is not None and torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
-        assert set(parts) >= {"dreambooth", "restore_t", "vsd_lora", "bsd"} and parts["restore_t"] == pytest.approx(0.5)
-        for name, old in lora_before.items():
-            new = bsd.lora_parameters(name)
-            assert any(not torch.equal(a, b) for a, b in zip(old, new)), name
+        assert {"bsd", "grad_bsd", "vsd_lora", "t_max"} <= set(parts) and "dreambooth" not in parts
+        assert _changed(bsd, bsd.vsd, vsd)
         # Outside BSD's own calls the shared UNet is the base model.
         assert torch.allclose(_unet_out(prior, x, t, states), before, atol=1e-6)
-        # Step 1 is not a DreamBooth step (finetune_every=2).
-        _, parts = bsd.step(rgb.detach(), _cameras([0.0, 30.0], [0.0, 100.0]), step=1, total=10)
-        assert "dreambooth" not in parts
     finally:
         bsd.close()
     assert not getattr(prior.unet, "peft_config", {}) or not any(
@@ -89,14 +103,51 @@ def test_bsd_step_trains_both_loras_and_reaches_the_render(tiny_models):
     assert torch.allclose(_unet_out(prior, x, t, states), before, atol=1e-6)
 
 
-def test_restore_anneals_t_prime(tiny_models):
+def test_the_bootstrap_cache_fills_every_restore_and_keeps_the_newest(tiny_models):
+    """Period 10 (phases of 2 steps at 0 and 10), a restore every step, at most 3 views: the
+    cache grows 1, 2, (no phase), 3, 3, and the oldest view goes first."""
+    prior = tiny_models.prior2d
+    bsd = BSD(prior, encode_prompt(prior, "a cow"),
+              _config(bootstrap_period=10, restore_every=1, cache_size=3), torch.Generator().manual_seed(0))
+    try:
+        sizes = []
+        for step, azimuth in ((0, 0.0), (1, 40.0), (10, 80.0), (11, 120.0)):
+            rgb = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(step))
+            _, parts = bsd.step(rgb, _cameras([10.0], [azimuth]), step=step, total=20)
+            sizes.append(parts["cached_views"])
+        assert sizes == [1, 2, 3, 3]
+        azimuths = [float(angles_from_c2w(c2w)[1]) for _, c2w in bsd.cache]
+        assert azimuths == pytest.approx([40.0, 80.0, 120.0], abs=1e-3)
+        assert [bsd.in_bootstrap_phase(step, 20) for step in (0, 1, 2, 9, 10, 11, 12)] == [
+            True, True, False, False, True, True, False]
+        # A stage shorter than the period makes the cycle the stage: 6 steps, one bootstrap step;
+        # under five steps there is none.
+        assert [bsd.in_bootstrap_phase(step, 6) for step in range(6)] == [True] + [False] * 5
+        assert not any(bsd.in_bootstrap_phase(step, 4) for step in range(4))
+    finally:
+        bsd.close()
+
+
+def test_dropout_draws_one_update_in_ten(tiny_models):
+    prior = tiny_models.prior2d
+    bsd = BSD(prior, encode_prompt(prior, "a cow"), _config(), torch.Generator().manual_seed(3))
+    try:
+        share = sum(bsd._dropped() for _ in range(2000)) / 2000
+    finally:
+        bsd.close()
+    assert 0.08 < share < 0.12
+
+
+def test_t_max_anneals_and_restore_returns_latents(tiny_models):
     prior = tiny_models.prior2d
     bsd = BSD(prior, encode_prompt(prior, "a cow"), _config(), torch.Generator().manual_seed(0))
     try:
-        assert bsd.restore_t(0, 100) == pytest.approx(0.5)
-        assert bsd.restore_t(50, 100) == pytest.approx(0.3)
-        assert bsd.restore_t(500, 100) == pytest.approx(0.1)
-        restored = bsd.restore(torch.rand(1, 32, 32, 3), _cameras([0.0], [0.0]), 0.3)
-        assert restored.shape == (1, 32, 32, 3) and 0.0 <= float(restored.min()) and float(restored.max()) <= 1.0
+        assert bsd.t_max(0, 100) == pytest.approx(0.5)
+        assert bsd.t_max(50, 100) == pytest.approx(0.35)
+        assert bsd.t_max(500, 100) == pytest.approx(0.2)
+        x0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+        restored = bsd.restore(x0, _cameras([0.0], [0.0]), 0.3)
+        assert restored.shape == x0.shape and torch.isfinite(restored).all()
+        assert not torch.equal(restored, x0)
     finally:
         bsd.close()

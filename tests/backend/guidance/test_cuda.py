@@ -52,7 +52,7 @@ def test_half_precision_bsd_step_trains_float32_loras(cuda_models):
     from backend.guidance.bsd import BSD, BSDConfig
 
     prior = cuda_models.prior2d
-    config = BSDConfig(lora_rank=4, restore_steps=2, finetune_every=1, finetune_iters=2, camera_hidden=8)
+    config = BSDConfig(lora_rank=4, restore_steps=2, bootstrap_period=1, camera_hidden=8)
     bsd = BSD(prior, encode_prompt(prior, "a cow"), config, torch.Generator("cuda").manual_seed(0))
     try:
         params = bsd.lora_parameters(bsd.vsd)

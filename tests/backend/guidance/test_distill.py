@@ -141,12 +141,14 @@ def test_vsd_gradient_is_pretrained_minus_lora_and_the_lora_learns(tiny_models):
         loss.backward()
         t, noise = _draw(x0, torch.Generator().manual_seed(SEED))
         assert torch.equal(t, info.t_b) and torch.equal(noise, info.noise)
-        with torch.no_grad():  # a fresh LoRA (zero B, zero camera offset) is the pretrained model
+        with torch.no_grad():  # a fresh LoRA (zero B, zero camera offset) is the pretrained model,
+            # asked with the view-independent prompt (the VSD LoRA's, as in DreamCraft3D)
             x_t = prior.scheduler.add_noise(x0.detach(), noise, t)
             eps_c = _eps(prior, x_t, t, _views(embeddings))
             eps_u = _eps(prior, x_t, t, embeddings.uncond_1xlxd.repeat(2, 1, 1))
+            eps_plain = _eps(prior, x_t, t, distiller.vsd.plain_embeddings.cond_vxlxd.expand(2, -1, -1))
             w = (1 - prior.scheduler.alphas_cumprod[t]).view(-1, 1, 1, 1)
-            expected = w * (eps_u + 7.5 * (eps_c - eps_u) - eps_c) / 2
+            expected = w * (eps_u + 7.5 * (eps_c - eps_u) - eps_plain) / 2
         assert torch.allclose(x0.grad, expected, atol=1e-5, rtol=1e-4)
         # One LoRA update later its score differs from the pretrained one, and the gradient with it.
         lora_b = [p for name, p in prior.unet.named_parameters() if f"lora_B.{distiller.vsd.vsd}." in name]
