@@ -13,7 +13,10 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from backend.server import ServerConfig
 
 SUBCOMMAND_MODULES: tuple[str, ...] = ("backend.cli_generate", "backend.cli_models", "backend.store_check")
 """Modules whose `add_subcommands(subparsers)` registers more subcommands (generate, refine, models, store)."""
@@ -112,13 +115,16 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(config, runner, missing)
 
 
-def _serve_on_ray(config, address: str, workers: int | None) -> int:
-    """`serve --ray`: start the Ray workers (refusing when there are none), serve, end them."""
-    from backend.cluster import start_workers, stop_workers
+def _serve_on_ray(config: "ServerConfig", address: str, workers: int | None) -> int:
+    """`serve --ray`: join Ray, start the workers (refusing when there are none), serve, end them."""
+    import ray
+
+    from backend.cluster import connect, start_workers, stop_workers
     from backend.server import ConfigError, serve
 
     try:
-        pool = start_workers(address, config.models, config.device, workers)
+        connect(address)
+        pool = start_workers(config.models, config.device, workers)
     except ConfigError as exc:
         return _refuse(str(exc))
     except Exception as exc:  # Ray itself refused (a version mismatch, a bad token): one line
@@ -128,6 +134,7 @@ def _serve_on_ray(config, address: str, workers: int | None) -> int:
         return serve(config, None, None, pool)
     finally:
         stop_workers(pool)
+        ray.shutdown()
 
 
 def _default_device() -> str:

@@ -264,10 +264,10 @@ def connect(address: str) -> None:
     ray.init(address=f"{host}:{port}", log_to_driver=False, configure_logging=False)
 
 
-def start_workers(address: str, models: str, device: str, workers: int | None) -> list[RayWorker]:
-    """Connect to Ray, start the workers and load their models; the ones that cannot serve are
-    named in the log and left out. ConfigError when there is nothing to serve with."""
-    connect(address)
+def start_workers(models: str, device: str, workers: int | None) -> list[RayWorker]:
+    """Start the workers on the cluster this process joined (`connect`) and load their models;
+    the ones that cannot serve are named in the log and left out. ConfigError when there is
+    nothing to serve with."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     if device == "cpu":
@@ -298,10 +298,9 @@ def start_workers(address: str, models: str, device: str, workers: int | None) -
 
 
 def stop_workers(workers: list[RayWorker]) -> None:
-    """End the workers and leave the cluster (a job still running resumes at the next start)."""
+    """End the workers (a job still running resumes at the next start)."""
     for worker in workers:
         ray.kill(worker.actor, no_restart=True)
-    ray.shutdown()
 
 
 def _describe(resources: dict[str, float]) -> str:

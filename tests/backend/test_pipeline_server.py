@@ -20,16 +20,16 @@ from protocol.transport import ClientSocket
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MESHES = REPO_ROOT / ".." / "shared" / "meshes"
-ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
 
 
-def start_server(store: Path, log_path: Path, timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
-    """`python -m backend serve --models tiny --device cpu` on a free loopback port."""
+def start_server(store: Path, log_path: Path, *flags: str, timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """`python -m backend serve --models tiny --device cpu [FLAGS]` on a free loopback port, in this
+    process's environment as it is now (a Ray this process started has set RAY_AUTH_MODE)."""
     log = open(log_path, "ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "backend", "serve", "--models", "tiny", "--device", "cpu",
-         "--store", str(store), "--bind", "tcp://127.0.0.1:*"],
-        cwd=REPO_ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+         "--store", str(store), "--bind", "tcp://127.0.0.1:*", *flags],
+        cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()
     deadline = time.monotonic() + timeout_s
