@@ -166,12 +166,17 @@ class RayWorker:
     """The front's handle on one JobActor (a server.JobWorker)."""
 
     actor: Any
-    info: WorkerInfo
+    label: str
+    """"worker0", "worker1"...: names a worker on the CPU, and one not started yet."""
+    info: WorkerInfo = dataclasses.field(init=False)
     device: str = ""
     models: dict[str, str] = dataclasses.field(default_factory=dict)
     problem: str | None = None
     pid: int = 0
     """The actor's process id (the tests kill it)."""
+
+    def __post_init__(self) -> None:
+        self.info = WorkerInfo(self.label, "", None)
 
     def execute(self, ctx: JobContext, record: JobRecord) -> Outcome:
         spec = JobSpec(job_id=ctx.job_id, kind=ctx.kind, params=record.params, inputs=ctx.inputs,
@@ -212,7 +217,7 @@ class RayWorker:
         try:
             where = ray.get(self.actor.describe.remote(), timeout=timeout_s)
             self.pid = where["pid"]
-            self.info = WorkerInfo(_worker_name(where, self.info.name), where["node"], where["gpu"])
+            self.info = WorkerInfo(_worker_name(where, self.label), where["node"], where["gpu"])
             self.device, self.models = ray.get(self.actor.load.remote(), timeout=timeout_s)
             return True
         except RayTaskError as exc:
@@ -246,8 +251,9 @@ def _replay(ctx: JobContext, item: tuple) -> None:
         raise ValueError(f"a worker sent {kind!r}, which the front does not know")
 
 
-def _worker_name(where: dict[str, Any], fallback: str) -> str:
-    return f"{where['node']}/gpu{where['gpu']}" if where["gpu"] is not None else f"{where['node']}/{fallback}"
+def _worker_name(where: dict[str, Any], label: str) -> str:
+    """"10.0.0.7/gpu1" for a worker on a GPU, "10.0.0.7/worker0" on the CPU."""
+    return f"{where['node']}/gpu{where['gpu']}" if where["gpu"] is not None else f"{where['node']}/{label}"
 
 
 def connect(address: str) -> None:
@@ -264,27 +270,29 @@ def connect(address: str) -> None:
     ray.init(address=f"{host}:{port}", log_to_driver=False, configure_logging=False)
 
 
-def start_workers(models: str, device: str, workers: int | None) -> list[RayWorker]:
-    """Start the workers on the cluster this process joined (`connect`) and load their models;
-    the ones that cannot serve are named in the log and left out. ConfigError when there is
-    nothing to serve with."""
-    resources = ray.cluster_resources()
+def plan_workers(resources: dict[str, float], device: str, workers: int | None) -> tuple[int, dict[str, float]]:
+    """How many workers to start on a cluster of `resources` (ray.cluster_resources()) and what
+    each one asks Ray for: one per GPU with `num_gpus=1`, or `workers` on the CPUs."""
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     if device == "cpu":
         count = workers or 1
         if count > cpus:
             raise ConfigError(f"--workers {count}: the Ray cluster has {cpus} CPUs; pass --workers {max(cpus, 1)} or less")
-        options = {"num_cpus": 1, "num_gpus": 0}
-    else:
-        if gpus == 0:
-            raise ConfigError(f"the Ray cluster ({_describe(resources)}) has no GPU node; "
-                              "add one with `ray start --address HEAD` on a GPU machine, or pass --device cpu")
-        if workers is not None:
-            raise ConfigError(f"--workers {workers} is for --device cpu: with GPUs, one worker runs per GPU ({gpus})")
-        count = gpus
-        options = {"num_cpus": 0, "num_gpus": 1}
-    pool = [RayWorker(RemoteJobActor.options(max_restarts=-1, **options).remote(models, device),
-                      WorkerInfo(f"worker{index}", "", None))
+        return count, {"num_cpus": 1, "num_gpus": 0}
+    if gpus == 0:
+        raise ConfigError(f"the Ray cluster ({_describe(resources)}) has no GPU node; "
+                          "add one with `ray start --address HEAD` on a GPU machine, or pass --device cpu")
+    if workers is not None:
+        raise ConfigError(f"--workers {workers} is for --device cpu: with GPUs, one worker runs per GPU ({gpus})")
+    return gpus, {"num_cpus": 0, "num_gpus": 1}
+
+
+def start_workers(models: str, device: str, workers: int | None) -> list[RayWorker]:
+    """Start the workers on the cluster this process joined (`connect`) and load their models;
+    the ones that cannot serve are named in the log and left out. ConfigError when there is
+    nothing to serve with."""
+    count, options = plan_workers(ray.cluster_resources(), device, workers)
+    pool = [RayWorker(RemoteJobActor.options(max_restarts=-1, **options).remote(models, device), f"worker{index}")
             for index in range(count)]
     with concurrent.futures.ThreadPoolExecutor(len(pool)) as threads:  # they load their models at once
         started = [worker for worker, ok in zip(pool, threads.map(RayWorker.start, pool)) if ok]

@@ -8,7 +8,10 @@ worker. Tiny jobs of a few steps each, so the module stays near a minute on two 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
+import sys
 import subprocess
 import time
 from pathlib import Path
@@ -96,8 +99,27 @@ def test_one_keys_batch_does_not_starve_another_key(start: Any, tmp_path: Path) 
 
 
 @pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
-    """One local Ray for the module: 4 logical CPUs (two servers' workers), 2 logical GPUs."""
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The workers' model cache (DREAMLOOM_CACHE_DIR): a copy of the tiny models, so the last
+    test can break it under them."""
+    from backend.guidance.tiny import tiny_models_dir
+
+    built = tiny_models_dir()
+    cache = tmp_path_factory.mktemp("cache")
+    shutil.copytree(built, cache / built.name)
+    previous = os.environ.get("DREAMLOOM_CACHE_DIR")
+    os.environ["DREAMLOOM_CACHE_DIR"] = str(cache)
+    yield cache
+    if previous is None:
+        del os.environ["DREAMLOOM_CACHE_DIR"]
+    else:
+        os.environ["DREAMLOOM_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def ray_address(model_cache: Path) -> Iterator[str]:
+    """One local Ray for the module: 4 logical CPUs (two servers' workers), 2 logical GPUs. Its
+    workers inherit this environment (the model cache)."""
     import ray
 
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -215,3 +237,63 @@ def test_the_front_killed_and_restarted_finds_its_jobs(ray_address: str, tmp_pat
             if process.poll() is None:
                 process.terminate()
             process.wait(30)
+
+
+def test_a_worker_whose_models_fail_to_load_leaves_the_pool_and_the_other_serves(
+        ray_server: ServerThread, client: ClientSocket, model_cache: Path) -> None:
+    # The model cache breaks (a file where its folder was); then the worker running a job dies.
+    shutil.rmtree(model_cache)
+    model_cache.write_text("not a folder")
+    job_id = generate(client, LONGER)
+    events_of(client, job_id, lambda m: m.body["event"] == "stage" and m.body["stage"] == "geometry", 120)
+    name = running_workers(client)[job_id]
+    victim = next(worker for worker in ray_server.server.workers if worker.info.name == name)
+    os.kill(victim.pid, signal.SIGKILL)
+    # Ray restarts it, it cannot load its models: it is named and out of the pool...
+    wait_for(lambda: victim not in ray_server.server.workers, 60)
+    assert victim.problem.startswith("its models failed to load: ")
+    pong = request(client, "ping")
+    assert pong.body["degraded"] is True
+    assert any(line.startswith(f"worker {name} left the pool: its models failed to load") for line in pong.body["problems"])
+    # ... while the other finishes the job, and serves the next one.
+    assert collect_until_final(client, job_id, timeout_s=120)[-1].body == {"event": "state", "state": "done"}
+    assert len(ray_server.server.workers) == 1
+    assert collect_until_final(client, generate(client, SHORT), timeout_s=60)[-1].body["state"] == "done"
+
+
+# Bad input at start -------------------------------------------------------------------------------
+
+
+def test_a_cluster_without_gpus_is_refused_unless_device_cpu(ray_address: str) -> None:
+    import ray
+
+    from backend.cluster import plan_workers
+    from backend.server import ConfigError
+
+    resources = ray.cluster_resources()
+    assert plan_workers(resources, "cuda", None) == (2, {"num_cpus": 0, "num_gpus": 1})
+    without_gpus = {name: value for name, value in resources.items() if name != "GPU"}
+    with pytest.raises(ConfigError, match=r"has no GPU node; .* or pass --device cpu$"):
+        plan_workers(without_gpus, "cuda", None)
+    assert plan_workers(without_gpus, "cpu", 3) == (3, {"num_cpus": 1, "num_gpus": 0})
+    with pytest.raises(ConfigError, match=r"^--workers 9: the Ray cluster has 4 CPUs"):
+        plan_workers(without_gpus, "cpu", 9)
+
+
+def test_an_unreachable_ray_address_fails_at_start_in_seconds_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "backend", "serve", "--ray", f"127.0.0.1:{port}",
+                           "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 2 and time.monotonic() - started < 30
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m backend serve: error: --ray 127.0.0.1:{port}: cannot reach")
+
+
+def test_without_ray_the_server_does_not_import_it() -> None:
+    code = ("import sys; from backend.__main__ import build_parser; from backend.server import Server; "
+            "build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
