@@ -47,6 +47,8 @@ RESTART_S = 600.0
 """How long a worker whose process died may take to be back (Ray restarts it, maybe elsewhere)."""
 STOP_POLL_S = 0.1
 """How often a running job's cancel and the server's stop are looked at, to pass them on."""
+RETRY_S = 0.5
+"""Wait between asking a restarting worker again."""
 DEFAULT_RAY_PORT = 6379
 LOST_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
 """What Ray raises when a worker's process or node is gone."""
@@ -214,11 +216,12 @@ class RayWorker:
     def start(self, timeout_s: float = LOAD_S) -> bool:
         """Wait for the actor, learn where it runs, load its models; False (and `problem`) when
         it cannot serve: its models failed to load, or it is gone."""
+        deadline = time.monotonic() + timeout_s
         try:
-            where = ray.get(self.actor.describe.remote(), timeout=timeout_s)
+            where = self._describe(deadline)
             self.pid = where["pid"]
             self.info = WorkerInfo(_worker_name(where, self.label), where["node"], where["gpu"])
-            self.device, self.models = ray.get(self.actor.load.remote(), timeout=timeout_s)
+            self.device, self.models = ray.get(self.actor.load.remote(), timeout=max(1.0, deadline - time.monotonic()))
             return True
         except RayTaskError as exc:
             self.problem = f"its models failed to load: {one_line(exc.cause or exc)}"
@@ -228,6 +231,16 @@ class RayWorker:
             self.problem = f"it did not start and load its models within {timeout_s:.0f} s"
         ray.kill(self.actor, no_restart=True)
         return False
+
+    def _describe(self, deadline: float) -> dict[str, Any]:
+        """The actor's `describe`, asked again while Ray says it is restarting."""
+        while True:
+            try:
+                return ray.get(self.actor.describe.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(RETRY_S)
 
     def recover(self) -> bool:
         log.info("worker %s: waiting for Ray to restart it", self.info.name)

@@ -843,7 +843,7 @@ class Server:
         try:
             outcome = self._run_job(record, resumed, hooks, worker)
         except WorkerLost as exc:
-            outcome = self._worker_lost(record.job_id, worker, exc)
+            outcome = self._worker_lost(record.job_id, worker, hooks, exc)
             alive = worker.recover()
         except Exception as exc:  # a fault of the server around the job, not of the runner
             log.exception("job %s: the worker failed", record.job_id)
@@ -867,11 +867,17 @@ class Server:
         running = collections.Counter(job.owner for job in self._running.values())
         return min(heads, key=lambda head: (running[head.owner], self._served.get(head.owner, 0.0), head.order_no)).job_id
 
-    def _worker_lost(self, job_id: str, worker: JobWorker, exc: WorkerLost) -> Outcome:
-        """The job's worker died: resume the job elsewhere, or fail it when that happened twice in a row."""
+    def _worker_lost(self, job_id: str, worker: JobWorker, hooks: JobHooks, exc: WorkerLost) -> Outcome:
+        """The job's worker died: resume the job elsewhere, or fail it when that happened twice
+        in a row; a job cancelled (or deleted) meanwhile ends cancelled, one the stop asked to
+        pause stays running for the next start."""
+        log.error("job %s: worker %s died under it: %s", job_id, worker.info.name, exc)
+        if hooks.cancel.is_set():
+            return Outcome("cancelled")
+        if hooks.shutdown.is_set():
+            return Outcome(None)
         lost = self._losses.setdefault(job_id, [])
         lost.append(worker.info.name)
-        log.error("job %s: worker %s died under it: %s", job_id, worker.info.name, exc)
         if len(lost) >= MAX_WORKER_LOSSES:
             return Outcome("failed", f"the workers running this job died {len(lost)} times in a row "
                                      f"({', '.join(lost)}); it is not tried again: {_one_line(exc)}")

@@ -44,6 +44,16 @@ def start_server(store: Path, log_path: Path, *flags: str, timeout_s: float = 18
     raise TimeoutError(f"the server did not start:\n{log_path.read_text()}")
 
 
+def close_all(clients: list[ClientSocket], processes: list[subprocess.Popen]) -> None:
+    """Close the clients, kill the servers that still run, wait for each to end."""
+    for client in clients:
+        client.close()
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+
+
 def events_of(client: ClientSocket, job_id: str, until, timeout_s: float) -> list[Message]:
     """Event messages of `job_id` until `until(message)` is true."""
     events: list[Message] = []
@@ -126,9 +136,4 @@ def test_server_killed_in_the_geometry_stage_resumes_the_job(tmp_path: Path) -> 
         # Seams split vertices, they never move them: every corner is where it was.
         np.testing.assert_allclose(positions[faces], suzanne.verts_vx3[suzanne.faces_fx3], atol=0)
     finally:
-        for client in clients:
-            client.close()
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(30)
+        close_all(clients, processes)

@@ -24,7 +24,7 @@ from protocol.keys import authorize, create_client_keys, create_server_keys, loa
 from protocol.messages import Message
 from protocol.transport import ClientSocket
 from tests.backend.mesh_runner import MeshRunner, ServerThread, collect_until_final
-from tests.backend.test_pipeline_server import events_of, start_server
+from tests.backend.test_pipeline_server import close_all, events_of, start_server
 from tests.backend.test_server import request, start, wait_for  # noqa: F401 (fixture)
 
 SHORT = {"steps": {"coarse": 2, "geometry": 2, "texture": 1}, "mesh_every": 10, "preview_every": 2,
@@ -165,6 +165,14 @@ def test_two_jobs_run_at_once_on_two_workers(ray_server: ServerThread, client: C
     assert welcome.body["device"].startswith("2 workers: cpu")
 
 
+def test_a_running_job_is_cancelled_on_its_worker(ray_server: ServerThread, client: ClientSocket) -> None:
+    job_id = generate(client, LONGER)
+    events_of(client, job_id, lambda m: m.body["event"] == "stage" and m.body["stage"] == "geometry", 120)
+    assert request(client, "cancel", {"job_id": job_id}).type == "cancelled"
+    assert collect_until_final(client, job_id, timeout_s=30)[-1].body == {"event": "state", "state": "cancelled"}
+    wait_for(lambda: not running_workers(client), 10)
+
+
 def test_a_worker_killed_mid_job_has_its_job_finished_by_the_other(ray_server: ServerThread,
                                                                     client: ClientSocket) -> None:
     job_id = generate(client, LONGER)
@@ -231,12 +239,7 @@ def test_the_front_killed_and_restarted_finds_its_jobs(ray_address: str, tmp_pat
         assert log[-1].body == {"event": "state", "state": "done"}
         assert sum(event.body.get("resumed") is True for event in log) == 1
     finally:
-        for opened in clients:
-            opened.close()
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-            process.wait(30)
+        close_all(clients, processes)
 
 
 def test_a_worker_whose_models_fail_to_load_leaves_the_pool_and_the_other_serves(
