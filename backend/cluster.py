@@ -194,6 +194,9 @@ class RayWorker:
                 _replay(ctx, item)
         except LOST_ERRORS as exc:
             raise WorkerLost(one_line(exc)) from exc
+        except RayTaskError as exc:  # the worker failed around the job (run_job catches the job's own faults)
+            cause = exc.cause or exc
+            return Outcome("failed", f"worker {self.info.name} failed: {type(cause).__name__}: {one_line(cause)}")
         except Exception:  # the front failed storing what came (a full disk): stop the job there
             self.actor.stop.remote(ctx.job_id, False)
             raise
