@@ -56,7 +56,8 @@ def pinned_requirements() -> list[str]:
     """The pinned requirements this machine needs, read from pyproject.toml."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    requirements = list(project["dependencies"]) + extras["test"] + extras["blender"]
+    # The test suite runs `serve --ray` on a local Ray, so .venv has the `ray` extra too.
+    requirements = list(project["dependencies"]) + extras["test"] + extras["ray"] + extras["blender"]
     requirements += extras["gpu"] if has_nvidia_gpu() else extras["cpu"]
     return requirements
 

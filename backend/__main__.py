@@ -13,7 +13,10 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from backend.server import ServerConfig
 
 SUBCOMMAND_MODULES: tuple[str, ...] = ("backend.cli_generate", "backend.cli_models", "backend.store_check")
 """Modules whose `add_subcommands(subparsers)` registers more subcommands (generate, refine, models, store)."""
@@ -62,6 +65,11 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
                        help=f"open client connections kept (default {DEFAULT_MAX_CONNECTIONS})")
     serve.add_argument("--device", choices=("cpu", "cuda"), default=None,
                        help="device for the pipeline (default: cuda when available, else cpu)")
+    serve.add_argument("--ray", metavar="auto|ADDRESS", default=None,
+                       help="run jobs on Ray workers, one per GPU: auto starts a local Ray with this box's GPUs, "
+                            "ADDRESS (host:port) joins the cluster `ray start --head` began (docs/server.md)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="with --ray and --device cpu: how many workers run on the CPUs (default 1)")
     serve.add_argument("--verbose", action="store_true", help="debug logging")
     serve.set_defaults(handler=run_serve)
 
@@ -77,6 +85,8 @@ def run_serve(args: argparse.Namespace) -> int:
                              ("--max-connections", args.max_connections, 1)):
         if not value >= low:
             return _refuse(f"{flag} must be >= {low}, got {value}")
+    if args.workers is not None and (args.ray is None or args.workers < 1):
+        return _refuse(f"--workers {args.workers}: it needs --ray and must be >= 1")
     if args.keys is not None and not args.keys.is_dir():
         return _refuse(f"--keys {args.keys} is not a folder (make one with `python -m protocol.keys server DIR`)")
     config = ServerConfig(
@@ -92,6 +102,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return _refuse(str(exc))
     os.umask(0o077)  # the store, its logs and anything the pipeline writes: the owner's only
     configure_logging(config.store_dir, verbose=args.verbose)
+    if args.ray is not None:
+        config.device = args.device or "cuda"
+        return _serve_on_ray(config, args.ray, args.workers)
     if args.device is None:
         config.device = _default_device()
     try:
@@ -100,6 +113,28 @@ def run_serve(args: argparse.Namespace) -> int:
         return _refuse(f"cannot load the pipeline (--models {config.models} --device {config.device}): "
                        f"{type(exc).__name__}: {exc}")
     return serve(config, runner, missing)
+
+
+def _serve_on_ray(config: "ServerConfig", address: str, workers: int | None) -> int:
+    """`serve --ray`: join Ray, start the workers (refusing when there are none), serve, end them."""
+    import ray
+
+    from backend.cluster import connect, start_workers, stop_workers
+    from backend.server import ConfigError, serve
+
+    try:
+        connect(address)
+        pool = start_workers(config.models, config.device, workers)
+    except ConfigError as exc:
+        return _refuse(str(exc))
+    except Exception as exc:  # Ray itself refused (a version mismatch, a bad token): one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _refuse(f"--ray {address}: {type(exc).__name__}: {first}")
+    try:
+        return serve(config, None, None, pool)
+    finally:
+        stop_workers(pool)
+        ray.shutdown()
 
 
 def _default_device() -> str:

@@ -17,7 +17,9 @@ exception ends it `failed` with a one-line reason; `JobCancelled` ends it `cance
 
 from __future__ import annotations
 
+import logging
 import threading
+import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -27,6 +29,8 @@ from backend.store import Buffers, JobStore, StoredEvent
 
 if TYPE_CHECKING:
     from protocol.params import GenerateParams, RefineParams
+
+log = logging.getLogger("dreamloom.server")
 
 RUNNER_EVENTS = ("stage", "mesh", "note")
 STAGES = ("coarse", "geometry", "texture")
@@ -179,6 +183,47 @@ class JobContext:
             raise RunnerError(f"set_result needs GLB bytes starting with b'glTF', got {head!r}")
         self._store.save_result(self.job_id, bytes(glb))
         self._has_result = True
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How running a job ended."""
+
+    state: str | None
+    """done, failed or cancelled; None when the stop interrupted it (it stays `running`)."""
+    reason: str | None = None
+    """The one-line reason of a failed job."""
+    error: BaseException | None = None
+    """The exception that failed it, for the server to look at (a failed write)."""
+
+
+def run_job(runner: JobRunner, ctx: JobContext) -> Outcome:
+    """Run one job with `runner` and turn the way it ended into the job's last state. The
+    in-process worker and every Ray worker (backend.cluster) run jobs through this."""
+    try:
+        runner.run(ctx)
+    except JobInterrupted:
+        log.info("job %s interrupted by the stop; it resumes at the next start", ctx.job_id)
+        return Outcome(None)
+    except JobCancelled:
+        return Outcome("cancelled")
+    except Exception as exc:
+        log.error("job %s failed:\n%s", ctx.job_id, traceback.format_exc())
+        if isinstance(exc, JobFailed):
+            return Outcome("failed", one_line(exc), exc)
+        return Outcome("failed", f"{type(exc).__name__}: {one_line(exc)}", exc)
+    if not ctx.has_result:
+        return Outcome("failed", "the runner returned without handing over the final GLB (ctx.set_result)")
+    if not ctx.final_mesh_emitted:
+        return Outcome("failed", "the runner returned without emitting a final mesh event")
+    return Outcome("done")
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's text, at most 300 characters."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _check_stage_body(body: dict[str, Any]) -> None:

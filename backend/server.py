@@ -1,12 +1,14 @@
-"""The backend server: one ROUTER socket, the job store, one worker thread running jobs.
+"""The backend server: one ROUTER socket, the job store, worker threads running jobs.
 
 Threads:
 
 - the main loop (`Server.run`) is the only thread that touches the ROUTER socket. It answers
   requests, keeps the subscriptions and sends events and progress;
-- the worker thread runs one job at a time with the runner. Whatever it reports is stored first
-  (events), then handed to the main loop through a thread-safe queue and a wake-up message on an
-  inproc PAIR socket, so the loop sleeps in `poll` while idle and sends within a millisecond.
+- one thread per worker runs one job at a time: with the runner in this process (`LocalWorker`,
+  the default) or on a Ray actor (`backend.cluster`, `serve --ray`). Queued jobs go to the first
+  free worker, fairly between client keys. Whatever a job reports is stored first (events), then
+  handed to the main loop through a thread-safe queue and a wake-up message on an inproc PAIR
+  socket, so the loop sleeps in `poll` while idle and sends within a millisecond.
 
 A subscription remembers the seq of the last event it sent (`sent_seq`). Live events go out only
 when they are exactly the next one; anything else (a subscriber that is behind, a send that
@@ -22,23 +24,27 @@ client can make the server keep is bounded (docs/server.md, "Limits and guarante
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import queue
 import signal
 import sqlite3
+import socket
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import msgpack
 import zmq
 
-from backend.jobs import JobCancelled, JobContext, JobFailed, JobHooks, JobInterrupted, JobRunner
-from backend.store import FINISHED_STATES, Damage, JobRecord, JobStore, StoreDamaged, StoredEvent, write_file_atomic
+from backend.jobs import JobContext, JobHooks, JobRunner, Outcome, run_job
+from backend.jobs import one_line as _one_line
+from backend.store import (
+    FINISHED_STATES, Damage, JobRecord, JobStore, QueuedHead, StoreDamaged, StoredEvent, write_file_atomic,
+)
 from protocol import messages as pm
 from protocol.codec import ProtocolError
 from protocol.keys import authorized_dir
@@ -84,6 +90,8 @@ STORE_RETRY_S = (1.0, 30.0)
 """First and longest wait of the worker between tries while the store cannot be written."""
 MAX_PROBLEMS = 20
 """Problems listed in `degraded` (the log has them all)."""
+MAX_WORKER_LOSSES = 2
+"""A job whose worker died under it this many times in a row fails instead of resuming again."""
 
 
 class ConfigError(Exception):
@@ -116,6 +124,80 @@ class ServerConfig:
     """Most bytes of job files one client key keeps in the store; more get `queue_full`."""
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     """Open client connections kept (also held below the descriptor limit less FD_RESERVE)."""
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Which worker runs a job, for the `worker` field of `jobs` entries."""
+
+    name: str
+    """Unique within the server, e.g. "10.0.0.7/gpu1" or "local"."""
+    node: str
+    """The machine: its address on a Ray cluster, the host name in this process."""
+    gpu: str | None
+    """The GPU the worker owns ("0", "1"...), None for a worker on the CPU."""
+
+    def listing(self) -> dict[str, Any]:
+        return {"name": self.name, "node": self.node, "gpu": self.gpu}
+
+
+class WorkerLost(Exception):
+    """The worker died under a job (its process or its node is gone): the job resumes from its
+    newest checkpoint on the next free worker."""
+
+
+class JobWorker(Protocol):
+    """What a worker thread of the server runs jobs with."""
+
+    info: WorkerInfo
+    device: str
+    """For `welcome`."""
+    models: dict[str, str]
+    """For `welcome`."""
+
+    def execute(self, ctx: JobContext, record: JobRecord) -> Outcome:
+        """Run the job of `ctx` (its stored `record`); raises WorkerLost when the worker died."""
+        ...
+
+    def recover(self) -> bool:
+        """After WorkerLost: wait until the worker serves again (True), or False when it cannot
+        and leaves the pool (the reason is logged and in `problem`)."""
+        ...
+
+    problem: str | None
+    """Why the worker left the pool, once `recover` returned False."""
+
+
+@dataclass
+class LocalWorker:
+    """Runs jobs with a runner in this process (the server without --ray)."""
+
+    runner: JobRunner
+    info: WorkerInfo = field(default_factory=lambda: WorkerInfo("local", socket.gethostname(), None))
+    problem: str | None = None
+
+    @property
+    def device(self) -> str:
+        return self.runner.device
+
+    @property
+    def models(self) -> dict[str, str]:
+        return dict(self.runner.models)
+
+    def execute(self, ctx: JobContext, record: JobRecord) -> Outcome:
+        return run_job(self.runner, ctx)
+
+    def recover(self) -> bool:
+        return True  # it never dies without the server
+
+
+@dataclass
+class RunningJob:
+    """A job a worker runs now."""
+
+    hooks: JobHooks
+    worker: WorkerInfo
+    owner: str
 
 
 @dataclass
@@ -172,13 +254,17 @@ def load_runner(models: str, device: str) -> tuple[JobRunner | None, str | None]
 
 
 class Server:
-    """The server loop, its store and its worker (see the module docstring)."""
+    """The server loop, its store and its workers (see the module docstring)."""
 
-    def __init__(self, config: ServerConfig, runner: JobRunner | None, runner_missing: str | None = None) -> None:
-        if runner is None and not runner_missing:
+    def __init__(self, config: ServerConfig, runner: JobRunner | None, runner_missing: str | None = None,
+                 workers: list[JobWorker] | None = None) -> None:
+        if workers is None:
+            workers = [LocalWorker(runner)] if runner is not None else []
+        if not workers and not runner_missing:
             raise ValueError("runner_missing must say why there is no runner")
         self.config = config
-        self.runner = runner
+        self.workers = list(workers)
+        """The workers serving; one that dies for good leaves the list."""
         self.runner_missing = runner_missing
         self.store = JobStore(config.store_dir)
         self.bound_address: str | None = None
@@ -190,13 +276,18 @@ class Server:
         self._work = threading.Event()
         self._outbox = _Outbox()
         self._subs: dict[tuple[bytes, str], Subscription] = {}
-        self._current: tuple[str, JobHooks] | None = None
+        self._running: dict[str, RunningJob] = {}
+        """job_id -> the job a worker runs now (guarded by `_current_lock`)."""
         self._current_lock = threading.Lock()
+        self._served: dict[str, float] = {}
+        """owner -> monotonic time a worker last took one of its jobs (the fair queue)."""
+        self._losses: dict[str, list[str]] = {}
+        """job_id -> the workers that died under it in a row."""
         self._wake_lock = threading.Lock()
         self._zctx = zmq.Context()
         self._wake_rx = self._zctx.socket(zmq.PAIR)
         self._wake_tx = self._zctx.socket(zmq.PAIR)
-        self._worker: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._sock: ServerSocket = None
         self._problems: dict[str, str] = {}
         """What is wrong now, by source ("worker", "store", "keys"): reported in `degraded`."""
@@ -248,9 +339,11 @@ class Server:
             )
             self._sock = sock
             self.bound_address = sock.bound_address
-            if self.runner is not None:
-                self._worker = threading.Thread(target=self._work_loop, name="dreamloom-worker", daemon=True)
-                self._worker.start()
+            for worker in self.workers:
+                thread = threading.Thread(target=self._work_loop, args=(worker,),
+                                          name=f"dreamloom-worker-{worker.info.name}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
             log.info("listening on %s (store %s)", self.bound_address, self.config.store_dir)
             self.ready.set()
             self._loop(sock)
@@ -267,10 +360,11 @@ class Server:
     def _shutdown_worker(self) -> None:
         self._shutdown.set()
         self._work.set()
-        if self._worker is not None:
-            self._worker.join(WORKER_JOIN_S)
-            if self._worker.is_alive():
-                log.warning("the running job did not stop within %.0f s; it resumes at the next start", WORKER_JOIN_S)
+        deadline = time.monotonic() + WORKER_JOIN_S
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("a running job did not stop within %.0f s; it resumes at the next start", WORKER_JOIN_S)
 
     # 2. The main loop -------------------------------------------------------------------------
 
@@ -374,12 +468,21 @@ class Server:
         return pm.reply_to(request, MessageType.WELCOME, {
             "server_version": SERVER_VERSION,
             "protocol": pm.PROTOCOL_VERSION,
-            "device": self.runner.device if self.runner is not None else self.config.device,
-            "models": dict(self.runner.models) if self.runner is not None else {},
+            "device": self._device_line(),
+            "models": self.workers[0].models if self.workers else {},
             "max_message_bytes": self._sock.max_message_bytes,
             "heartbeat_ms": self._sock.heartbeat_ms,
             **self._health(),
         })
+
+    def _device_line(self) -> str:
+        """`welcome`'s device: the worker's, or how many workers and the first one's."""
+        workers = list(self.workers)
+        if not workers:
+            return self.config.device
+        if len(workers) == 1:
+            return workers[0].device
+        return f"{len(workers)} workers: {workers[0].device}, ..."
 
     def _health(self) -> dict[str, Any]:
         """`degraded` (true while anything is wrong) and `problems` (one line each, newest
@@ -394,7 +497,7 @@ class Server:
         owner = _owner(incoming)
         request_id = validate_request_id(request.body.get("request_id"))
         params = validate_submit(kind, request.body.get("params"), request.buffers)
-        if self.runner is None:
+        if not self.workers:
             raise ProtocolError(ErrorCode.INTERNAL, self.runner_missing or "no runner")
         # 1. A retried submit (same request_id) gets the job the first one made.
         earlier = self.store.find_request(owner, request_id) if request_id is not None else None
@@ -499,10 +602,14 @@ class Server:
         cursor = _int_field(request.body, "cursor", 0, 0, 2**62)
         limit = _int_field(request.body, "limit", JOBS_PAGE, 1, MAX_JOBS_PAGE)
         records = self.store.list_jobs(owner=_owner(incoming), after=cursor, limit=limit + 1)
+        with self._current_lock:
+            running = {job_id: job.worker for job_id, job in self._running.items()}
         entries: list[dict[str, Any]] = []
         size = 0
         for record in records[:limit]:
             entry = record.listing()
+            if record.job_id in running and record.state == "running":
+                entry["worker"] = running[record.job_id].listing()
             size += len(msgpack.packb(entry))
             if entries and size > JOBS_REPLY_BYTES:
                 break
@@ -549,9 +656,9 @@ class Server:
     def _request_cancel(self, job_id: str) -> bool:
         """Flag the running job for cancellation; False if it is not the running one.
         The caller holds `_current_lock`."""
-        if self._current is None or self._current[0] != job_id:
+        if job_id not in self._running:
             return False
-        self._current[1].cancel.set()
+        self._running[job_id].hooks.cancel.set()
         log.info("job %s: cancel requested", job_id)
         return True
 
@@ -683,7 +790,7 @@ class Server:
 
     # 5. The worker -------------------------------------------------------------------------------
 
-    def _work_loop(self) -> None:
+    def _work_loop(self, worker: JobWorker) -> None:
         unfinished: dict[str, tuple[str, str | None]] = {}  # job_id -> its end, not stored yet
         wait_s = STORE_RETRY_S[0]
         while not self._shutdown.is_set():
@@ -695,7 +802,9 @@ class Server:
                 for job_id, (state, reason) in list(unfinished.items()):
                     self._finish(job_id, state, reason)
                     del unfinished[job_id]
-                self._work_once(unfinished)
+                if not self._work_once(worker, unfinished):
+                    self._remove_worker(worker)
+                    return
                 wait_s = STORE_RETRY_S[0]
                 self._problems.pop("worker", None)
             except Exception as exc:  # the store failed under the worker: report, wait, go on
@@ -707,38 +816,82 @@ class Server:
 
     def _probe_store(self) -> None:
         """Raise while a small write to the store still fails; clear the problem once it works."""
-        probe = self.config.store_dir / ".write-probe"
+        probe = self.config.store_dir / f".write-probe-{threading.get_ident()}"
         write_file_atomic(probe, bytes(64 * 2**10))
         probe.unlink()
-        log.info("the store can be written again: %s", self._problems.pop("store"))
+        problem = self._problems.pop("store", None)
+        if problem is not None:
+            log.info("the store can be written again: %s", problem)
 
-    def _work_once(self, unfinished: dict[str, tuple[str, str | None]]) -> None:
+    def _work_once(self, worker: JobWorker, unfinished: dict[str, tuple[str, str | None]]) -> bool:
+        """Run the next job, if any, on `worker`; False when the worker died for good."""
         # 1. Take the next job; sleep until a submit wakes us when there is none.
         hooks = JobHooks(on_event=self._publish, on_progress=self._publish_progress, shutdown=self._shutdown)
-        with self._current_lock:  # claim and become current at once (see _cancel, _delete_job)
-            claimed = self.store.claim_next()
+        with self._current_lock:  # claim and become running at once (see _cancel, _delete_job)
+            claimed = self.store.claim_next(self._pick_fairly)
             if claimed is not None:
-                self._current = (claimed[0].job_id, hooks)
+                self._running[claimed[0].job_id] = RunningJob(hooks, worker.info, claimed[0].owner)
+                self._served[claimed[0].owner] = time.monotonic()
         if claimed is None:
             self._work.wait(1.0)
             self._work.clear()
-            return
-        # 2. Run it; a stop interrupts it and leaves it `running` for the next start.
+            return True
+        # 2. Run it; a stop interrupts it and leaves it `running` for the next start; a worker
+        #    that dies hands it back to resume on the next free one.
         record, resumed = claimed
+        alive = True
         try:
-            state, reason = self._run_job(record, resumed, hooks)
+            outcome = self._run_job(record, resumed, hooks, worker)
+        except WorkerLost as exc:
+            outcome = self._worker_lost(record.job_id, worker, hooks, exc)
+            alive = worker.recover()
         except Exception as exc:  # a fault of the server around the job, not of the runner
             log.exception("job %s: the worker failed", record.job_id)
-            state, reason = "failed", f"the server failed running this job: {type(exc).__name__}: {_one_line(exc)}"
+            outcome = Outcome("failed", f"the server failed running this job: {type(exc).__name__}: {_one_line(exc)}")
             self._note_store_failure(exc)
         finally:
             with self._current_lock:
-                self._current = None
-        # 3. Store and send how it ended (nothing when interrupted: it resumes next start).
-        if state is not None:
-            unfinished[record.job_id] = (state, reason)
-            self._finish(record.job_id, state, reason)
+                self._running.pop(record.job_id, None)
+        # 3. Store and send how it ended (nothing when interrupted: it resumes).
+        if outcome.state is not None:
+            self._losses.pop(record.job_id, None)
+            unfinished[record.job_id] = (outcome.state, outcome.reason)
+            self._finish(record.job_id, outcome.state, outcome.reason)
             del unfinished[record.job_id]
+        return alive
+
+    def _pick_fairly(self, heads: list[QueuedHead]) -> str:
+        """The queued job to run next, of the owners' oldest ones: the owner with the fewest
+        running jobs, then the one served longest ago, then the oldest job. The caller holds
+        `_current_lock`."""
+        running = collections.Counter(job.owner for job in self._running.values())
+        return min(heads, key=lambda head: (running[head.owner], self._served.get(head.owner, 0.0), head.order_no)).job_id
+
+    def _worker_lost(self, job_id: str, worker: JobWorker, hooks: JobHooks, exc: WorkerLost) -> Outcome:
+        """The job's worker died: resume the job elsewhere, or fail it when that happened twice
+        in a row; a job cancelled (or deleted) meanwhile ends cancelled, one the stop asked to
+        pause stays running for the next start."""
+        log.error("job %s: worker %s died under it: %s", job_id, worker.info.name, exc)
+        if hooks.cancel.is_set():
+            return Outcome("cancelled")
+        if hooks.shutdown.is_set():
+            return Outcome(None)
+        lost = self._losses.setdefault(job_id, [])
+        lost.append(worker.info.name)
+        if len(lost) >= MAX_WORKER_LOSSES:
+            return Outcome("failed", f"the workers running this job died {len(lost)} times in a row "
+                                     f"({', '.join(lost)}); it is not tried again: {_one_line(exc)}")
+        self.store.resume_later(job_id)
+        self._work.set()
+        return Outcome(None)
+
+    def _remove_worker(self, worker: JobWorker) -> None:
+        """Take a worker that cannot serve again out of the pool; the others go on."""
+        self.workers = [other for other in self.workers if other is not worker]
+        self._problems[f"worker {worker.info.name}"] = f"worker {worker.info.name} left the pool: {worker.problem}"
+        log.error("%s; %d workers serve", self._problems[f"worker {worker.info.name}"], len(self.workers))
+        if not self.workers:
+            self.runner_missing = "every worker left the pool (the server's log says why)"
 
     def _note_store_failure(self, exc: BaseException) -> None:
         """A job that failed on a write (a full disk) marks the store as failing: the worker
@@ -748,7 +901,7 @@ class Server:
         elif isinstance(exc, (OSError, sqlite3.Error)):
             self._problems["store"] = f"writing the store failed: {type(exc).__name__}: {_one_line(exc)}"
 
-    def _run_job(self, record: JobRecord, resumed: bool, hooks: JobHooks) -> tuple[str | None, str | None]:
+    def _run_job(self, record: JobRecord, resumed: bool, hooks: JobHooks, worker: JobWorker) -> Outcome:
         from protocol.params import validate_submit
 
         job_id = record.job_id
@@ -756,36 +909,19 @@ class Server:
         body: dict[str, Any] = {"event": "state", "state": "running"}
         if resumed:
             body["resumed"] = True
-        self._publish(self.store.append_event(job_id, body))
-        log.info("job %s %s", job_id, "resumes from its newest checkpoint" if resumed else "started")
+        announced = self.store.append_event(job_id, body)
+        self._publish(announced)
+        log.info("job %s %s on %s", job_id, "resumes from its newest checkpoint" if resumed else "started",
+                 worker.info.name)
         inputs = self.store.load_inputs(job_id)
         params = validate_submit(record.kind, record.params, inputs)
         ctx = JobContext(job_id=job_id, kind=record.kind, params=params, inputs=inputs,
                          resumed=resumed, store=self.store, hooks=hooks)
         # 2. Run it and turn the way it ended into the job's last state.
-        return self._outcome(ctx)
-
-    def _outcome(self, ctx: JobContext) -> tuple[str | None, str | None]:
-        """(final state, reason) of running the job; (None, None) when the stop interrupted it."""
-        assert self.runner is not None
-        try:
-            self.runner.run(ctx)
-        except JobInterrupted:
-            log.info("job %s interrupted by the stop; it resumes at the next start", ctx.job_id)
-            return None, None
-        except JobCancelled:
-            return "cancelled", None
-        except Exception as exc:
-            log.error("job %s failed:\n%s", ctx.job_id, traceback.format_exc())
-            self._note_store_failure(exc)
-            if isinstance(exc, JobFailed):
-                return "failed", _one_line(exc)
-            return "failed", f"{type(exc).__name__}: {_one_line(exc)}"
-        if not ctx.has_result:
-            return "failed", "the runner returned without handing over the final GLB (ctx.set_result)"
-        if not ctx.final_mesh_emitted:
-            return "failed", "the runner returned without emitting a final mesh event"
-        return "done", None
+        outcome = worker.execute(ctx, dataclasses.replace(record, state="running", last_seq=announced.seq))
+        if outcome.error is not None:
+            self._note_store_failure(outcome.error)
+        return outcome
 
     def _finish(self, job_id: str, state: str, reason: str | None) -> None:
         if self.store.is_deleted(job_id):
@@ -836,19 +972,15 @@ def _raise_descriptor_limit() -> int:
     return soft
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 300 else line[:297] + "..."
-
-
-def serve(config: ServerConfig, runner: JobRunner | None, runner_missing: str | None = None) -> int:
-    """Run a server in this thread until SIGINT/SIGTERM; returns the exit status."""
+def serve(config: ServerConfig, runner: JobRunner | None, runner_missing: str | None = None,
+          workers: list[JobWorker] | None = None) -> int:
+    """Run a server in this thread until SIGINT/SIGTERM; returns the exit status. `workers`
+    (the Ray workers of backend.cluster) replace the one in-process worker of `runner`."""
     if config.insecure and config.keys_dir is None and not is_loopback(config.bind):
         log.warning("INSECURE: %s accepts unencrypted, unauthenticated clients (--insecure)", config.bind)
-    if runner is None:
+    if runner is None and not workers:
         log.warning("no job runner: %s; submits will be refused", runner_missing)
-    server = Server(config, runner, runner_missing)
+    server = Server(config, runner, runner_missing, workers)
     previous = {sig: signal.signal(sig, lambda signum, frame: server.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
     if hasattr(signal, "SIGHUP"):  # not on Windows; the folder watch reloads keys there too
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: server.reload_keys())

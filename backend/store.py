@@ -25,10 +25,10 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -134,6 +134,14 @@ class JobRecord:
             "prompt": self.prompt,
             "last_seq": self.last_seq,
         }
+
+
+class QueuedHead(NamedTuple):
+    """The oldest queued job of one owner, as `claim_next` offers it to its `pick`."""
+
+    owner: str
+    order_no: int
+    job_id: str
 
 
 @dataclass(frozen=True)
@@ -463,25 +471,33 @@ class JobStore:
                 (QUEUED, RUNNING, job_id),
             ).fetchone()[0]
 
-    def claim_next(self) -> tuple[JobRecord, bool] | None:
-        """The job the worker runs next, marked running, and whether it resumes: a job that was
-        `running` when this store was opened (the process stopped or died) comes first, then
-        the oldest queued one. None if there is nothing to run."""
+    def claim_next(self, pick: Callable[[list[QueuedHead]], str] | None = None) -> tuple[JobRecord, bool] | None:
+        """The job a worker runs next, marked running, and whether it resumes: a job that was
+        `running` when this store was opened (the process stopped or died) or that was handed
+        back with `resume_later` comes first, then a queued one: `pick` chooses among the oldest
+        queued job of each owner (by default the oldest of all). None if there is nothing to run."""
         with self._lock:
             while self._interrupted:
                 record = self.get_job(self._interrupted.pop(0))
                 if record is not None and record.state == RUNNING:
                     return record, True
-            row = self._db.execute(
-                "SELECT job_id FROM jobs WHERE state = ? AND deleted = 0 ORDER BY order_no LIMIT 1", (QUEUED,)
-            ).fetchone()
-            if row is None:
+            heads = [QueuedHead(*row) for row in self._db.execute(
+                "SELECT owner, MIN(order_no), job_id FROM jobs WHERE state = ? AND deleted = 0 GROUP BY owner",
+                (QUEUED,),
+            )]
+            if not heads:
                 return None
+            job_id = pick(heads) if pick is not None else min(heads, key=lambda head: head.order_no).job_id
             with self._transaction() as db:
-                db.execute("UPDATE jobs SET state = ? WHERE job_id = ?", (RUNNING, row[0]))
-            record = self.get_job(row[0])
+                db.execute("UPDATE jobs SET state = ? WHERE job_id = ?", (RUNNING, job_id))
+            record = self.get_job(job_id)
         assert record is not None
         return record, False
+
+    def resume_later(self, job_id: str) -> None:
+        """Hand a running job back (its worker died): the next `claim_next` returns it, resumed."""
+        with self._lock:
+            self._interrupted.append(job_id)
 
     def cancel_if_queued(self, job_id: str) -> StoredEvent | None:
         """Cancel a queued job: store its `state: cancelled` event and return it; None (and no

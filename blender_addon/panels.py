@@ -49,6 +49,17 @@ def job_rows(settings) -> list[JobRow]:
     return rows
 
 
+def server_job_label(row) -> str:
+    """A row of the backend's job list: prompt, state, and while it runs its stage, step and
+    the worker running it (a studio's backend has several)."""
+    label = f"{row.prompt[:28] or row.job_id[:8]}: {row.state}"
+    if row.state == "running" and row.steps:
+        label += f" {row.stage} {row.step}/{row.steps}"
+    if row.state == "running" and row.worker:
+        label += f" on {row.worker}"
+    return label
+
+
 def eta_text(seconds: float) -> str:
     """"1 min 05 s left" style text (empty when unknown)."""
     if seconds < 0:
@@ -151,10 +162,7 @@ class DREAMLOOM_PT_jobs(Panel):
         followed = {j.job_id for j in settings.jobs}
         for row_data in settings.server_jobs:
             row = layout.row(align=True)
-            label = f"{row_data.prompt[:28] or row_data.job_id[:8]}: {row_data.state}"
-            if row_data.state == "running" and row_data.steps:
-                label += f" {row_data.stage} {row_data.step}/{row_data.steps}"
-            row.label(text=label, icon="CHECKMARK" if row_data.job_id in followed else "DOT")
+            row.label(text=server_job_label(row_data), icon="CHECKMARK" if row_data.job_id in followed else "DOT")
             row.operator("dreamloom.attach_job", text="", icon="LINKED").job_id = row_data.job_id
             if row_data.state == "done" and row_data.kind == "generate":
                 row.operator("dreamloom.import_result", text="", icon="IMPORT").job_id = row_data.job_id

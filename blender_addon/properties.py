@@ -64,6 +64,7 @@ class DreamloomServerJob(PropertyGroup):
     step: IntProperty(name="Step")
     steps: IntProperty(name="Steps")
     last_seq: IntProperty(name="Last Seq")
+    worker: StringProperty(name="Worker", description="The backend worker running it (node/GPU), while it runs")
 
 
 class DreamloomSettings(PropertyGroup):

@@ -560,6 +560,8 @@ def fill_server_jobs(scene: bpy.types.Scene, jobs: list[dict]) -> None:
         row.step = int(job.get("step") or 0)
         row.steps = int(job.get("steps") or 0)
         row.last_seq = int(job.get("last_seq") or 0)
+        worker = job.get("worker")
+        row.worker = str(worker.get("name") or "") if isinstance(worker, dict) else ""
 
 
 def apply_failure(update: RequestFailed) -> None:

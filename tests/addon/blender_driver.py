@@ -256,9 +256,14 @@ def scenario_cancel(args) -> dict:
     use_backend(args.address)
     bpy.ops.dreamloom.generate(prompt=args.prompt, steps=args.steps)
     pump_until(lambda: len(bpy.context.scene.dreamloom.jobs) and scene_job().state == "running", args.timeout)
+    # The backend's job list names the worker running it.
+    rows = bpy.context.scene.dreamloom.server_jobs
+    bpy.ops.dreamloom.refresh_jobs()
+    pump_until(lambda: any(row.state == "running" for row in rows), args.timeout)
+    labels = [sys.modules[f"{MODULE}.panels"].server_job_label(row) for row in rows]
     bpy.ops.dreamloom.cancel()
     bpy.ops.dreamloom.sync(timeout=args.timeout)
-    return {"job_state": scene_job().state, "last_seq": scene_job().last_seq}
+    return {"job_state": scene_job().state, "last_seq": scene_job().last_seq, "labels": labels}
 
 
 def scenario_stop_after(args) -> dict:

@@ -89,6 +89,10 @@ def test_generate_updates_one_object_in_place(addon_zip: Path, tmp_path: Path, m
 def test_cancel(addon_zip: Path, tmp_path: Path, mesh_server: ServerProcess):
     result = blender("cancel", addon_zip, tmp_path, "--address", mesh_server.address, "--steps", "coarse=400")
     assert result["job_state"] == "cancelled"
+    # While it ran, the backend's job list showed it with the worker running it.
+    running = [label for label in result["labels"] if ": running" in label]
+    assert len(running) == 1 and running[0].startswith("a spot cow: running "), result["labels"]
+    assert running[0].endswith(" on local"), result["labels"]
 
 
 def test_reopened_file_catches_up_without_duplicates(addon_zip: Path, tmp_path: Path, mesh_server: ServerProcess):

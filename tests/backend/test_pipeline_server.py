@@ -20,16 +20,16 @@ from protocol.transport import ClientSocket
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MESHES = REPO_ROOT / ".." / "shared" / "meshes"
-ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
 
 
-def start_server(store: Path, log_path: Path, timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
-    """`python -m backend serve --models tiny --device cpu` on a free loopback port."""
+def start_server(store: Path, log_path: Path, *flags: str, timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """`python -m backend serve --models tiny --device cpu [FLAGS]` on a free loopback port, in this
+    process's environment as it is now (a Ray this process started has set RAY_AUTH_MODE)."""
     log = open(log_path, "ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "backend", "serve", "--models", "tiny", "--device", "cpu",
-         "--store", str(store), "--bind", "tcp://127.0.0.1:*"],
-        cwd=REPO_ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+         "--store", str(store), "--bind", "tcp://127.0.0.1:*", *flags],
+        cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()
     deadline = time.monotonic() + timeout_s
@@ -42,6 +42,16 @@ def start_server(store: Path, log_path: Path, timeout_s: float = 180.0) -> tuple
         time.sleep(0.1)
     process.kill()
     raise TimeoutError(f"the server did not start:\n{log_path.read_text()}")
+
+
+def close_all(clients: list[ClientSocket], processes: list[subprocess.Popen]) -> None:
+    """Close the clients, kill the servers that still run, wait for each to end."""
+    for client in clients:
+        client.close()
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
 
 
 def events_of(client: ClientSocket, job_id: str, until, timeout_s: float) -> list[Message]:
@@ -126,9 +136,4 @@ def test_server_killed_in_the_geometry_stage_resumes_the_job(tmp_path: Path) -> 
         # Seams split vertices, they never move them: every corner is where it was.
         np.testing.assert_allclose(positions[faces], suzanne.verts_vx3[suzanne.faces_fx3], atol=0)
     finally:
-        for client in clients:
-            client.close()
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(30)
+        close_all(clients, processes)
