@@ -395,11 +395,13 @@ def load_oracle_models(spec: str, device: torch.device, roles: Sequence[str], va
 
     mesh_path, texture_path = parse_spec(spec)
     obj = OracleObject.load(mesh_path, texture_path, device)
+    prior = OraclePrior2D(spec, obj, vae=vae) if "prior2d" in roles or "texture" in roles else None
     return GuidanceModels(
-        prior2d=OraclePrior2D(spec, obj, vae=vae) if "prior2d" in roles else None,
+        prior2d=prior if "prior2d" in roles else None,
         zero123=OracleZero123(spec, obj, vae=vae) if "zero123" in roles else None,
         depth=oracle_depth(spec, obj) if "depth" in roles else None,
         matting=None,
+        texture=prior if "texture" in roles else None,  # BSD runs on the oracle prior itself
         device=device,
         dtype=torch.float32,
     )
