@@ -3,7 +3,8 @@
     load_oracle_models(spec, device, roles=ROLES, vae=None) -> GuidanceModels
         spec = "oracle:MESH[,TEXTURE]" (what `--models` takes); every role's name is the spec
     OracleObject.load(mesh_path, texture_path, device)   the mesh, framed as the pipeline sees it
-    OraclePrior2D     the 2D prior: camera-aware, answers for the camera in `cond.cameras`
+    OraclePrior2D     the 2D prior: camera-aware, answers for the camera in `cond.cameras`; also
+                      the texture role (BSD runs on it: no texture model to load)
     OracleZero123     answers for the reference pose composed with the relative pose `cond.pose_bx4`
     oracle_depth      a depth estimator returning the reference view's true inverse depth
 
