@@ -7,7 +7,9 @@
 DREAMLOOM_MODEL_* overrides; `id@revision` pins a revision), exactly the files the loader reads
 (`backend.guidance.hub.select_files`), one progress bar per file: into the Hugging Face cache, or
 with `--to DIR` into DIR/<role>, a folder for `--models DIR`. `--dtype fp16` (the default, for a
-CUDA machine) takes the fp16 weight files where a repository has them.
+CUDA machine) takes the fp16 weight files where a repository has them. The texture role (the
+latent prior BSD needs beside a DeepFloyd IF prior2d) is skipped when its source is the 2D
+prior's; with another latent prior2d it is not needed either (`DREAMLOOM_MODEL_TEXTURE=none`).
 
 `check` looks every role up without network and loads it, and prints one line per role: where
 it came from, its size on disk, and what is missing or wrong; all roles, not the first failure
@@ -52,7 +54,8 @@ def _human(size: int) -> str:
 
 def _each_role(sources, step: Callable[[str, str], str]) -> int:
     """Run `step(role, source)` for every role that is on and print `role: <its line>`; a
-    ModelLoadError is printed as `role: FAILED: <sentence>` and the other roles go on."""
+    ModelLoadError is printed as `role: FAILED: <sentence>` and the other roles go on. A texture
+    source equal to the 2D prior's is that role's files (loaded once as both)."""
     from backend.guidance.errors import ModelLoadError
     from backend.guidance.models import ROLES
 
@@ -60,7 +63,12 @@ def _each_role(sources, step: Callable[[str, str], str]) -> int:
     for role in ROLES:
         source = getattr(sources, role)
         try:
-            line = "off" if source is None else step(role, source)
+            if source is None:
+                line = "off"
+            elif role == "texture" and source == sources.prior2d:
+                line = "the prior2d model"
+            else:
+                line = step(role, source)
         except ModelLoadError as error:
             line, failed = f"FAILED: {error}", True
         print(f"{role}: {line}", flush=True)

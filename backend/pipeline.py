@@ -407,7 +407,8 @@ class Job:
         elif surface is None:
             surface = self.surface_from_input()
         color = ColorField(self._color_config(), 1.0, self.device)
-        bsd = BSD(self.guidance.prior2d, self._embeddings(view_dependent=True),
+        prior = self.guidance.texture  # the latent prior (SD beside IF); prompts from its own text encoder
+        bsd = BSD(prior, self._embeddings(view_dependent=True, prior=prior),
                   self._bsd_config(), self.device_generator)
         try:
             self._texture_loop(neus, surface, color, bsd, resume)
@@ -677,11 +678,12 @@ class Job:
             self._z123_reference = self.guidance.zero123.encode_reference(reference.rgb_hxwx3, reference.mask_hxwx1)
         return self._z123_reference
 
-    def _embeddings(self, view_dependent: bool):
+    def _embeddings(self, view_dependent: bool, prior=None):
+        """The job's prompts encoded by `prior` (the 2D prior by default)."""
         from backend.guidance.sds import encode_prompt
 
         params = self.ctx.params
-        return encode_prompt(self.guidance.prior2d, params.prompt, params.negative_prompt,
+        return encode_prompt(prior or self.guidance.prior2d, params.prompt, params.negative_prompt,
                              view_dependent=view_dependent)
 
     def _balance(self):

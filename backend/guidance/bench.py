@@ -107,7 +107,8 @@ def full_size_models(device: torch.device, dtype: torch.dtype, seed: int = 0):
         clip_mean=(0.48145466, 0.4578275, 0.40821073), clip_std=(0.26862954, 0.26130258, 0.27577711),
         device=device, dtype=dtype,
     )
-    models = GuidanceModels(prior2d=prior, zero123=zero123, depth=None, matting=None, device=device, dtype=dtype)
+    models = GuidanceModels(prior2d=prior, zero123=zero123, depth=None, matting=None, texture=prior,
+                            device=device, dtype=dtype)
     embeddings = PromptEmbeddings(
         prompt="random", negative="",
         cond_vxlxd=torch.randn(len(VIEWS), 77, 1024, device=device, dtype=dtype),

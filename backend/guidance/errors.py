@@ -18,7 +18,7 @@ class ModelLoadError(RuntimeError):
     def __init__(self, role: str, source: str, message: str) -> None:
         super().__init__(message)
         self.role = role
-        """The model role: "prior2d", "zero123", "depth" or "matting"."""
+        """The model role: "prior2d", "zero123", "depth", "matting" or "texture"."""
         self.source = source
         """The Hugging Face id or local folder that was asked for."""
 

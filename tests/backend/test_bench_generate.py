@@ -48,7 +48,7 @@ def correct(correct_out) -> dict:
 def test_the_pipeline_on_oracles_converges_and_says_so(correct, correct_out):
     assert correct["coarse"]["f_score"] > 5 * correct["sphere"]["f_score"] + 0.1
     assert correct["coarse"]["chamfer"] < 0.3 * correct["sphere"]["chamfer"]
-    assert set(correct["models"]) == {"prior2d", "zero123", "depth"}
+    assert set(correct["models"]) == {"prior2d", "zero123", "depth", "texture"}
     events = [json.loads(line) for line in (correct_out / "job" / "events.jsonl").read_text().splitlines()]
     stages = [event for event in events if event["event"] == "stage"]
     assert [event["stage"] for event in stages] == ["coarse", "geometry", "texture"]
@@ -118,7 +118,7 @@ def test_a_server_on_oracles_says_so_in_welcome(suzanne_obj, tmp_path):
     try:
         welcome = client.request(Message("hello", {"client_name": "tests", "client_version": "0", "protocol": 1}),
                                  timeout_s=10)
-        assert welcome.body["models"] == {role: f"oracle:{suzanne_obj}" for role in ("prior2d", "zero123", "depth")}
+        assert welcome.body["models"] == {role: f"oracle:{suzanne_obj}" for role in ("prior2d", "zero123", "depth", "texture")}
     finally:
         client.close()
         thread.stop()

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def test_tiny_models_load_through_the_folder_loader(tiny_models, tiny_folder):
-    assert tiny_models.names() == {role: str(tiny_folder / role) for role in ("prior2d", "zero123", "depth", "matting")}
+    assert tiny_models.names() == {**{role: str(tiny_folder / role) for role in ("prior2d", "zero123", "depth", "matting")},
+                                   "texture": str(tiny_folder / "prior2d")}
     prior = tiny_models.prior2d
     assert prior.kind == "latent" and prior.resolution == 32 and prior.dtype == torch.float32
     assert not any(p.requires_grad for p in prior.unet.parameters())

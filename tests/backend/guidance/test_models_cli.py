@@ -48,6 +48,7 @@ def test_fetch_then_check_then_generate_without_network(default_repos, tmp_path,
     assert fetched.returncode == 0, fetched.stdout + fetched.stderr
     lines = _lines(fetched)
     assert lines["prior2d"].startswith("done") and lines["matting"] == "off"
+    assert lines["texture"] == "the prior2d model"  # the same repository: fetched once
     # Exactly the files the loader reads, each once: the fp16 variants of SD 2.1, no checkpoints.
     assert sorted(served) == sorted(set(served))
     sd = [name.split("/", 2)[2] for name in served if name.startswith(DEFAULTS[0])]
@@ -97,7 +98,7 @@ def _generate_default_offline(cache: Path, tmp_path: Path, monkeypatch) -> None:
                  "--device", "cpu", "--steps", "coarse=2,geometry=1,texture=1", "--texture-size", "256",
                  "--no-progress", "--out", str(out)])
     assert code == 0
-    assert built[0].models == dict(zip(("prior2d", "zero123", "depth"), DEFAULTS))
+    assert built[0].models == {**dict(zip(("prior2d", "zero123", "depth"), DEFAULTS)), "texture": DEFAULTS[0]}
     assert (out / "model.glb").stat().st_size > 0
 
 

@@ -153,7 +153,8 @@ def test_oracle_through_a_vae_is_exact_in_latent_space(suzanne_obj, tiny_models)
 def test_every_output_names_the_oracle(oracle, suzanne_obj):
     from backend.pipeline import make_runner
 
-    assert set(oracle.names()) == {"prior2d", "zero123", "depth"}
+    assert set(oracle.names()) == {"prior2d", "zero123", "depth", "texture"}
+    assert oracle.texture is oracle.prior2d  # BSD runs on the oracle prior: no texture model
     assert all(name == f"oracle:{suzanne_obj}" for name in oracle.names().values())
     runner = make_runner(f"oracle:{suzanne_obj}", "cpu")
     assert runner.models == oracle.names() and runner.preset is None
