@@ -443,6 +443,8 @@ def apply_pending(scene: bpy.types.Scene, item, pending: PendingEvent) -> None:
             STATE.notes.append(f"job '{item.prompt[:40]}' {item.state}")
     elif kind == "stage":
         item.stage, item.steps, item.step = str(body.get("stage") or item.stage), int(body.get("steps") or 0), 0
+    elif kind == "note":  # what the job decided for the artist (a clamped face budget, ...)
+        STATE.notes.append(f"job '{item.prompt[:40]}': {body.get('text') or ''}")
 
 
 def apply_mesh(scene: bpy.types.Scene, item, pending: PendingEvent) -> None:

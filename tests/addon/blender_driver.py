@@ -157,6 +157,8 @@ def scenario_generate(args) -> dict:
     settings = bpy.context.scene.dreamloom
     settings.prompt = "panel prompt, overridden"
     settings.texture_size = "256"
+    if args.target_faces is not None:
+        settings.target_faces = args.target_faces
     bpy.ops.dreamloom.generate(prompt=args.prompt, steps=args.steps, seed=3, quality="draft",
                                image_path=args.image or "")
     states: list[dict] = []
@@ -176,9 +178,11 @@ def scenario_generate(args) -> dict:
                        "object": obj.name, "mesh": obj.data.name, "location": list(obj.location)})
 
     pump_until(lambda: job_objects() and scene_job().state in ("done", "failed", "cancelled"), args.timeout, record)
+    notes = list(runtime_module().STATE.notes)  # what the sync below reports to the artist
     bpy.ops.dreamloom.sync(timeout=5)
     obj = job_objects()[0]
     result = {
+        "notes": notes,
         "objects": [o.name for o in job_objects()],
         "states": states,
         "job_state": scene_job().state,
@@ -732,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="a spot cow")
     parser.add_argument("--steps", default="coarse=2,geometry=2,texture=1")
     parser.add_argument("--image", default="")
+    parser.add_argument("--target-faces", type=int)
     parser.add_argument("--mesh", type=Path)
     parser.add_argument("--save", type=Path)
     parser.add_argument("--stop-seq", type=int, default=3)

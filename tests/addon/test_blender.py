@@ -146,8 +146,11 @@ def test_generate_with_a_local_tiny_backend_ends_textured(addon_zip: Path, tmp_p
     """LOCAL mode: the add-on starts the real backend (real pipeline, tiny random models, CPU)
     itself, generates from the sample reference image, and stops the backend."""
     result = blender_local("generate", addon_zip, tmp_path, "--image", str(REFERENCE_IMAGE),
-                           "--steps", "coarse=1,geometry=1,texture=1")
+                           "--steps", "coarse=1,geometry=1,texture=1", "--target-faces", "100")
     assert result["job_state"] == "done", result["job_error"]
+    # The budget under the minimum is the backend's `note`, reported to the artist with the job.
+    assert any(note.startswith("job '") and "500" in note for note in result["notes"]), result["notes"]
+    assert result["faces"] <= 500
     assert len(result["objects"]) == 1
     seqs = [s["seq"] for s in result["states"]]
     assert len(set(seqs)) >= 2 and len({(s["object"], s["mesh"]) for s in result["states"]}) == 1
