@@ -687,9 +687,8 @@ class Job:
                              view_dependent=view_dependent)
 
     def _balance(self):
-        """The hybrid SDS weights and scales for the loaded 2D prior (its kind, or "oracle")."""
-        prior = self.guidance.prior2d
-        return self.config.balance(getattr(prior, "balance", prior.kind))
+        """The hybrid SDS weights and scales of the loaded 2D prior's row (`prior.balance`)."""
+        return self.config.balance(self.guidance.prior2d.balance)
 
     def _hybrid_guidance(self, anneal_steps: int, t_start: tuple[float, float],
                          t_end: tuple[float, float], t_range_3d: tuple[float, float] | None = None):

@@ -172,6 +172,11 @@ class Prior2D:
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod_t.shape[0])
 
+    @property
+    def balance(self) -> str:
+        """Its row of the hybrid balance table (backend.config.HYBRID_BALANCE): its kind."""
+        return self.kind
+
     # The denoiser interface (backend.guidance.denoiser) -------------------------------------
 
     @torch.no_grad()
