@@ -128,8 +128,9 @@ def _serve_on_ray(config: "ServerConfig", address: str, workers: int | None) -> 
     except ConfigError as exc:
         return _refuse(str(exc))
     except Exception as exc:  # Ray itself refused (a version mismatch, a bad token): one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return _refuse(f"--ray {address}: {type(exc).__name__}: {first}")
+        from backend.jobs import one_line
+
+        return _refuse(f"--ray {address}: {type(exc).__name__}: {one_line(exc)}")
     try:
         return serve(config, None, None, pool)
     finally:

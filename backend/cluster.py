@@ -175,7 +175,8 @@ class RayWorker:
     models: dict[str, str] = dataclasses.field(default_factory=dict)
     problem: str | None = None
     pid: int = 0
-    """The actor's process id (the tests kill it)."""
+    """The actor's process id, set once it can serve (its models loaded): a restarted worker's new
+    pid means it is back in the pool (the tests kill it by this pid)."""
 
     def __post_init__(self) -> None:
         self.info = WorkerInfo(self.label, "", None)
@@ -222,9 +223,9 @@ class RayWorker:
         deadline = time.monotonic() + timeout_s
         try:
             where = self._describe(deadline)
-            self.pid = where["pid"]
             self.info = WorkerInfo(_worker_name(where, self.label), where["node"], where["gpu"])
             self.device, self.models = ray.get(self.actor.load.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            self.pid = where["pid"]  # set once the worker can serve: a new pid means it is back
             return True
         except RayTaskError as exc:
             self.problem = f"its models failed to load: {one_line(exc.cause or exc)}"

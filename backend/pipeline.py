@@ -463,7 +463,7 @@ class Job:
                 ref = reference_terms(reference, ref_cam, ref_rgb, ref_render.mask)
                 self._backward({"ref_rgb": (cfg.ref_rgb_weight, ref["rgb"])}, values)
             # 5. One optimiser step on the summed gradients (none in a text-only bootstrap step).
-            if "total" in values:
+            if bsd_loss is not None or reference is not None:
                 optimiser.step()
             # 6. Stream: progress (+ preview), the mesh with vertex colours, a checkpoint.
             self._after_step(cadence, step, timer, values, rgb,

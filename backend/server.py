@@ -634,12 +634,16 @@ class Server:
         with self._current_lock:  # the worker claims jobs under this lock too
             self.store.mark_deleted(job.job_id)
             running = self._request_cancel(job.job_id)
-        for key in [key for key in self._subs if key[1] == job.job_id]:
-            del self._subs[key]
+        self._drop_subscriptions(job.job_id)
         if not running:
             self.store.purge(job.job_id)  # nothing else holds its files; else the worker purges
         log.info("job %s deleted", job.job_id)
         return pm.reply_to(request, MessageType.DELETED, {"job_id": job.job_id})
+
+    def _drop_subscriptions(self, job_id: str) -> None:
+        """Forget every client's subscription to `job_id` (deleted or expired)."""
+        for key in [key for key in self._subs if key[1] == job_id]:
+            del self._subs[key]
 
     def _ping(self, incoming: Incoming, request: Message) -> Message:
         return pm.reply_to(request, MessageType.PONG, self._health())
@@ -775,8 +779,7 @@ class Server:
         self._next_retention = now + RETENTION_EVERY_S
         for job_id in self.store.expired(time.time() - self.config.keep_days * 86400):
             self.store.mark_deleted(job_id)
-            for key in [key for key in self._subs if key[1] == job_id]:
-                del self._subs[key]
+            self._drop_subscriptions(job_id)
             self.store.purge(job_id)
             log.info("job %s removed: it ended more than %g days ago (--keep-days)", job_id, self.config.keep_days)
 

@@ -81,7 +81,7 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     """`value` as a JSON tree (module docstring), its tensors moved to the CPU into `tensors`."""
     if isinstance(value, torch.Tensor):
         name = str(len(tensors))
-        tensors[name] = value.detach().to("cpu").clone().contiguous()  # own storage: no shared views
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()  # own storage: no shared views
         return {"__tensor__": name}
     if isinstance(value, np.ndarray):
         array = np.ascontiguousarray(value)
