@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--text-only", action="store_true", help="no reference image: the prompt's prior alone")
     gen.add_argument("--quality", default="draft", choices=sorted(PRESETS), help="pipeline preset (default draft)")
     gen.add_argument("--steps", default="", help='per-stage step overrides, e.g. "coarse=300,geometry=100,texture=50"')
+    gen.add_argument("--set", default="", metavar="STAGE.FIELD=V,...",
+                     help='stage-config fields to replace in the preset, e.g. "coarse.render_res=32,coarse.mesh_res=32"')
     gen.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--distill", default="sds", choices=DISTILL_METHODS,
@@ -134,6 +136,35 @@ def _steps(text: str) -> dict[str, int]:
     return steps
 
 
+def _stage_fields(text: str) -> dict[str, dict[str, int | float]]:
+    """"coarse.render_res=32,texture.lora_rank=4" -> {"coarse": {"render_res": 32}, "texture": {...}}.
+
+    Only numeric fields of the stage configs can be set; each value keeps its field's type."""
+    import dataclasses
+
+    from backend.config import PRESETS, STAGES
+
+    stage_configs = {stage: getattr(PRESETS["tiny"], stage) for stage in STAGES}
+    fields: dict[str, dict[str, int | float]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        stage, _, field_name = name.partition(".")
+        if stage not in STAGES:
+            raise BenchError(f"--set {item}: expected STAGE.FIELD=V with STAGE one of {', '.join(STAGES)}")
+        known = {f.name: type(getattr(stage_configs[stage], f.name)) for f in dataclasses.fields(stage_configs[stage])}
+        kind = known.get(field_name)
+        if field_name == "steps":
+            raise BenchError(f"--set {item}: step counts are set with --steps")
+        if kind not in (int, float):
+            raise BenchError(f"--set {item}: {stage} has no numeric field {field_name!r}")
+        try:
+            fields.setdefault(stage, {})[field_name] = kind(value)
+        except ValueError:
+            raise BenchError(f"--set {item}: {field_name} takes {'an integer' if kind is int else 'a number'}, "
+                             f"got {value!r}") from None
+    return fields
+
+
 def generate_options(args: argparse.Namespace):
     """Validate the `generate` flags into `GenerateBenchOptions` (the mesh is checked as it loads)."""
     from backend.bench_generate import GenerateBenchOptions
@@ -142,7 +173,7 @@ def generate_options(args: argparse.Namespace):
         raise BenchError(f"--out {args.out}: exists and is not a folder")
     return GenerateBenchOptions(mesh=args.mesh, texture=args.texture, quality=args.quality, out_dir=args.out,
                                 device=_device(args.device), text_only=args.text_only, steps=_steps(args.steps),
-                                seed=args.seed, distill=args.distill, log=lambda line: print(line, flush=True))
+                                stage_overrides=_stage_fields(args.set), seed=args.seed, distill=args.distill, log=lambda line: print(line, flush=True))
 
 
 def main(argv: list[str] | None = None) -> int:

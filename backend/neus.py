@@ -1,9 +1,10 @@
 """NeuS: a signed-distance field with a colour head, its volume renderer and an occupancy grid.
 
 - ``NeuSField``: hash grid + small MLP -> SDF (plus an explicit sphere bias ``|x| - radius``,
-  so the field starts as a sphere), and a colour head (the SDF MLP's feature vector -> RGB in
-  [0, 1]; the normal is not an input, as in DreamCraft3D, so colour gradients never bend the
-  geometry through it). Normals are finite differences of the SDF on a tetrahedron of
+  so the field starts as a sphere), and a colour head (the SDF MLP's feature vector and the
+  detached unit normal -> RGB in [0, 1]: colour may follow the orientation, as shading does, but
+  colour gradients never bend the geometry through the normal, DreamCraft3D's concern; see
+  docs/pipeline.md). Normals are finite differences of the SDF on a tetrahedron of
   offsets (4 extra SDF evaluations in one batched call): with a hash grid this is cheaper than double backward, and
   the eikonal loss on it needs first-order gradients only.
 - ``render_rays`` / ``render_neus``: samples in the ray's span inside the scene cube, NeuS's
@@ -109,7 +110,7 @@ class NeuSField(nn.Module):
         self.encoding = HashGrid(config.grid, device=device, dtype=dtype)
         width_in = 3 + self.encoding.output_dim
         self.sdf_mlp = _mlp(width_in, config.hidden_dim, config.num_hidden_layers, 1 + config.feature_dim, device, dtype)
-        self.color_mlp = _mlp(config.feature_dim, config.hidden_dim, config.color_hidden_layers, 3, device, dtype)
+        self.color_mlp = _mlp(config.feature_dim + 3, config.hidden_dim, config.color_hidden_layers, 3, device, dtype)
         # The SDF output row starts at zero, so the SDF starts as exactly |x| - radius.
         with torch.no_grad():
             self.sdf_mlp[-1].weight[0].zero_()
@@ -156,12 +157,15 @@ class NeuSField(nn.Module):
         samples = self.query(x_nx3)
         return samples.sdf_n, samples.normal_nx3
 
-    def color_from_features(self, features_nxk: Tensor) -> Tensor:
-        return torch.sigmoid(self.color_mlp(features_nxk))
+    def color_of(self, samples: FieldSamples) -> Tensor:
+        """RGB ``[N, 3]`` in [0, 1] of queried samples: the colour MLP on the geometry features and
+        the unit normal, detached (colour can follow the surface's orientation, but colour gradients
+        reach the geometry only through the shared features, never through the normal)."""
+        return torch.sigmoid(self.color_mlp(torch.cat([samples.features_nxk, samples.normal_nx3.detach()], dim=-1)))
 
     def color(self, x_nx3: Tensor) -> Tensor:
         """RGB ``[N, 3]`` in [0, 1] at world points ``[N, 3]``."""
-        return self.color_from_features(self._sdf_and_features(x_nx3)[1])
+        return self.color_of(self.query(x_nx3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +321,7 @@ def render_rays(
     # 3. the field at the kept samples only
     samples = field.query(points_rxsx3[keep_rxs])
     normal_mx3 = samples.normal_nx3
-    rgb_mx3 = field.color_from_features(samples.features_nxk)
+    rgb_mx3 = field.color_of(samples)
     dirs_mx3 = dirs_rx3[:, None, :].expand(-1, num_samples, -1)[keep_rxs]
     cos_m = (dirs_mx3 * samples.gradient_nx3).sum(dim=-1)
     dist_m = step_r[:, None].expand(-1, num_samples)[keep_rxs]

@@ -9,8 +9,9 @@
     oracle_depth      a depth estimator returning the reference view's true inverse depth
 
 The data distribution, for a camera c: the object's render x*_k(c) for one of K = 2 looks (its
-colours — the texture, or (n + 1) / 2 of its world normals when untextured — and its normal-shaded
-render, what the geometry stage shows the prior), over a plain background: of any colour b for
+colours — the texture, or when untextured a grey clay lit by a light fixed in the world (`clay_rgb`),
+what a reference picture of an untextured object shows — and its normal-shaded render, what the
+geometry stage shows the prior), over a plain background: of any colour b for
 the 2D prior (the pipeline shows it random backgrounds), white for Zero123 (its training renders
 are all over white, and the pipeline composites its inputs over white).
 Its optimal noise prediction, with x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε:
@@ -41,6 +42,7 @@ from `REFERENCE_POSE`, the pipeline's default reference view.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,22 @@ FRAMING_SIZE = 256
 FRAMING_ROUNDS = 3
 """Scale-and-shift rounds of the framing (each makes the perspective error smaller)."""
 
+CLAY_LIGHT = (0.4, -0.6, 0.7)
+"""Direction towards the clay's light, world frame (Z up, the reference camera on -Y): above, in
+front, a little to the right; fixed in the world, so the shading is the same from every camera."""
+CLAY_ALBEDO, CLAY_AMBIENT = 0.8, 0.35
+"""Grey of the clay and the share of its light that reaches every side."""
+
+
+def clay_rgb(normal_bxhxwx3: torch.Tensor, mask_bxhxwx1: torch.Tensor) -> torch.Tensor:
+    """An untextured object as a reference picture shows it: grey clay, Lambert-shaded by
+    `CLAY_LIGHT` plus ambient light, [B, H, W, 3] in [0, 1], 0 where empty. The shading is a
+    function of the surface alone (view-independent), as a colour field can hold it."""
+    light_3 = torch.nn.functional.normalize(torch.tensor(CLAY_LIGHT, device=normal_bxhxwx3.device), dim=0)
+    lambert_bxhxwx1 = (normal_bxhxwx3 * light_3).sum(-1, keepdim=True).clamp(min=0.0)
+    grey_bxhxwx1 = CLAY_ALBEDO * (CLAY_AMBIENT + (1.0 - CLAY_AMBIENT) * lambert_bxhxwx1) * mask_bxhxwx1
+    return grey_bxhxwx1.repeat_interleave(3, dim=-1)
+
 
 def oracle_alphas_cumprod(device: torch.device) -> torch.Tensor:
     """ᾱ_t of Stable Diffusion's schedule (scaled linear β from 0.00085 to 0.012, T = 1000)."""
@@ -89,7 +107,7 @@ class OracleObject:
     uvs_fx3x2: torch.Tensor | None
     """Per-corner UVs, or None."""
     texture_rgb: np.ndarray | None
-    """Base colour uint8 [H, W, 3], or None (world-normal colours are used)."""
+    """Base colour uint8 [H, W, 3], or None (the object is rendered in clay)."""
     rasterizer: Any
     """The rasteriser of `device`."""
     _scene: Any = field(default=None, repr=False)
@@ -120,10 +138,11 @@ class OracleObject:
 
     def render(self, cameras: Cameras):
         """Colours, mask, depth and normals of the object (`backend.bench_reconstruct.Views`):
-        ray-cast on the CPU, rasterised elsewhere."""
-        if self.verts_vx3.device.type == "cpu":
-            return self.raycast(cameras)
-        return self.rasterize(cameras)
+        ray-cast on the CPU, rasterised elsewhere; an untextured object in clay (`clay_rgb`)."""
+        views = self.raycast(cameras) if self.verts_vx3.device.type == "cpu" else self.rasterize(cameras)
+        if self.texture_rgb is None:
+            views = dataclasses.replace(views, rgb=clay_rgb(views.normal, views.mask))
+        return views
 
     def rasterize(self, cameras: Cameras):
         """The renders through the rasteriser (`backend.bench_reconstruct.render_ground_truth`)."""

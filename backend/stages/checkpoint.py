@@ -27,7 +27,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped whenever the layout below changes; an older blob is refused with a clear message."""
 
 

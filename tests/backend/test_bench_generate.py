@@ -88,12 +88,31 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     (["--mesh", str(MESHES / "suzanne.obj")], "suzanne.obj: face 0"),
     (["--mesh", str(MESHES / "spot.obj"), "--steps", "coarse=ten"], "--steps coarse=ten"),
     (["--mesh", str(MESHES / "spot.obj"), "--device", "tpu"], "--device tpu"),
+    (["--mesh", str(MESHES / "spot.obj"), "--set", "coarse.nope=1"], "--set coarse.nope=1: coarse has no numeric field"),
+    (["--mesh", str(MESHES / "spot.obj"), "--set", "coarse.render_res=big"], "render_res takes an integer, got 'big'"),
+    (["--mesh", str(MESHES / "spot.obj"), "--set", "paint.lr=1"], "--set paint.lr=1: expected STAGE.FIELD=V"),
+    (["--mesh", str(MESHES / "spot.obj"), "--set", "coarse.steps=9"], "step counts are set with --steps"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     result = _bench(*args, "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]
+
+
+def test_set_replaces_stage_fields_of_the_preset_and_nothing_else(tmp_path):
+    from backend.bench import build_parser, generate_options
+    from backend.bench_generate import job_config
+    from backend.config import PRESETS
+    from protocol.params import validate_submit
+
+    args = build_parser().parse_args(["generate", "--mesh", str(MESHES / "spot.obj"), "--quality", "tiny", "--set",
+                                      "coarse.render_res=32,coarse.lr=0.005,texture.lora_rank=2", "--out", str(tmp_path)])
+    options = generate_options(args)
+    config = job_config(options, validate_submit("generate", {"prompt": "a cow"}, {}))
+    tiny = PRESETS["tiny"]
+    assert (config.coarse.render_res, config.coarse.lr, config.texture.lora_rank) == (32, 0.005, 2)
+    assert config.coarse.mesh_res == tiny.coarse.mesh_res and config.geometry == tiny.geometry
 
 
 def test_generate_refuses_an_oracle_without_a_mesh(tmp_path):

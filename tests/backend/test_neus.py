@@ -138,6 +138,19 @@ def test_gradients_reach_every_parameter_and_learn_sharpness():
     assert float(field.inv_s.detach()) == pytest.approx(20.0, rel=1e-5)
 
 
+def test_colour_follows_the_normal_but_its_gradient_never_reaches_the_geometry_through_it():
+    field = tiny_field()
+    x = torch.rand(64, 3, generator=torch.Generator().manual_seed(3)) * 1.2 - 0.6
+    samples = field.query(x)
+    flipped = type(samples)(samples.sdf_n, -samples.gradient_nx3, samples.features_nxk)
+    assert float((field.color_of(samples) - field.color_of(flipped)).abs().max()) > 1e-4  # the normal is an input
+    # The colour's gradient w.r.t. the SDF gradient (hence the normal) is nothing; w.r.t. the
+    # shared features it is not: colour shapes the geometry only the way DreamCraft3D's head does.
+    gradient, features = torch.autograd.grad(field.color_of(samples).sum(), (samples.gradient_nx3, samples.features_nxk),
+                                             allow_unused=True)
+    assert gradient is None and bool(features.abs().sum() > 0)
+
+
 def test_occupancy_grid_skips_empty_space_without_changing_the_image():
     field = tiny_field(init_inv_s=100.0)
     occupancy = OccupancyGrid(resolution=16, device="cpu", update_every=10)

@@ -56,17 +56,17 @@ def test_oracle_prior_predicts_the_noise_of_a_noised_truth(oracle, normal_look):
 
 
 def test_oracle_sds_pulls_a_render_to_the_truth(oracle):
-    """SDS's gradient is √ᾱ√(1−ᾱ)(x₀ − x̂₀): descent on a grey image paints the object, and the
-    background keeps its own colour (any plain one is data)."""
+    """SDS's gradient is √ᾱ√(1−ᾱ)(x₀ − x̂₀): descent on a dark image paints the (clay) object, and
+    the background keeps its own colour (any plain one is data)."""
     from backend.guidance.sds import encode_prompt, sds_loss
 
     prior = oracle.prior2d
     cameras = _cameras([15.0], [60.0])
     embeddings = encode_prompt(prior, "a monkey head")
-    rgb = torch.full((1, 64, 64, 3), 0.5, requires_grad=True)
+    rgb = torch.full((1, 64, 64, 3), 0.1, requires_grad=True)
     optimiser = torch.optim.SGD([rgb], lr=0.3)
     generator = torch.Generator().manual_seed(1)
-    truth = (_truth_on(prior, cameras, [0.5, 0.5, 0.5]).permute(0, 2, 3, 1) + 1.0) / 2.0
+    truth = (_truth_on(prior, cameras, [0.1, 0.1, 0.1]).permute(0, 2, 3, 1) + 1.0) / 2.0
     start = float((rgb.detach() - truth).abs().mean())
     for _ in range(30):
         loss, _ = sds_loss(prior, rgb, embeddings, cameras, (0.02, 0.5), 50.0, generator)
@@ -147,7 +147,9 @@ def test_oracle_through_a_vae_is_exact_in_latent_space(suzanne_obj, tiny_models)
     t_b = torch.tensor([500])
     alpha_bar = prior.alphas_cumprod_t[t_b].view(-1, 1, 1, 1)
     eps = prior.predict_noise(alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise, t_b, Conditioning(cameras=cameras))
-    assert torch.allclose(eps, noise, atol=1e-3)
+    # Exact up to the posterior of the look: the clay and the normal-shaded latents of a random
+    # tiny VAE are close, so the other look keeps a little weight (noise variance 1).
+    assert float((eps - noise).pow(2).mean()) < 1e-4
 
 
 def test_every_output_names_the_oracle(oracle, suzanne_obj):
