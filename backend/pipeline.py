@@ -163,7 +163,7 @@ class Job:
             raise JobFailed(
                 "steps.coarse = 0 leaves nothing to shape the object; only refine jobs skip it"
             )
-        self.reference_source = self._decode_reference()
+        self.reference_source = self._mask_reference()
         self.reference = self._reference(self.config.coarse.render_res)
         # 2. Where to start: the newest checkpoint of this job, or the beginning.
         resume = self._load_checkpoint()
@@ -647,14 +647,15 @@ class Job:
 
         return reference_camera(ranges, size, size, self.device)
 
-    def _decode_reference(self):
-        """The job's reference image decoded once ([H, W, 3|4] floats), or None for text-only
-        jobs; every stage prepares its own copy from it."""
+    def _mask_reference(self):
+        """The job's reference image decoded and masked once (a `MaskedImage`: the matting
+        model runs here, at most once per job), or None for text-only jobs; every stage
+        prepares its own size from it."""
         if "image" not in self.ctx.inputs:
             return None
-        from backend.guidance.reference import decode_image
+        from backend.guidance.reference import mask_image
 
-        return decode_image(self.ctx.inputs["image"])
+        return mask_image(self.ctx.inputs["image"], models=self.guidance)
 
     def _reference(self, size: int):
         """The reference prepared at `size`² (mask, recentring, depth), made once per size; None
