@@ -43,10 +43,13 @@ def _reference_png(alpha: bool = True) -> bytes:
     return buffer.getvalue()
 
 
-def _job(tmp_path: Path, runner, steps: dict, image: bytes | None = _reference_png()) -> tuple[Job, RecordingContext]:
-    inputs = {"image": image} if image is not None else {}
+def _job(tmp_path: Path, runner, steps: dict, image: bytes | None = _reference_png(),
+         mesh: dict | None = None) -> tuple[Job, RecordingContext]:
+    """A generate job, or a refine_texture one of `mesh` (its positions and faces buffers)."""
+    kind = "generate" if mesh is None else "refine_texture"
+    inputs = {**(mesh or {}), **({"image": image} if image is not None else {})}
     params = {"prompt": "a red ball", "steps": steps, "texture_size": 256, "mesh_every": 100}
-    ctx = RecordingContext(out_dir=tmp_path, kind="generate", params=validate_submit("generate", params, inputs),
+    ctx = RecordingContext(out_dir=tmp_path, kind=kind, params=validate_submit(kind, params, inputs),
                            inputs=inputs, show_progress=False)
     ctx.seen = []
     ctx.open("test")
@@ -174,6 +177,19 @@ def test_each_stage_gets_the_reference_at_its_render_size_from_one_matting(tmp_p
     assert set(job._prepared_references) == sizes
     for size, reference in job._prepared_references.items():
         assert reference.rgb_hxwx3.shape == (size, size, 3) and reference.mask_source == "matting"
+
+
+def test_a_refine_job_prepares_the_reference_only_at_the_texture_size(tmp_path: Path, runner) -> None:
+    """Refine jobs skip the coarse stage, so the reference is never prepared at its size."""
+    from backend.meshio import load_mesh
+    from tests.backend.mesh_runner import MESHES_DIR
+
+    suzanne = load_mesh(MESHES_DIR / "suzanne.obj", triangulate=True)
+    mesh = {"positions": suzanne.verts_vx3.astype("<f4"), "faces": suzanne.faces_fx3.astype("<i4")}
+    job, _ = _job(tmp_path, runner, {"texture": 2}, mesh=mesh)
+    job.run()
+    assert job.config.coarse.render_res != job.config.texture.render_res
+    assert set(job._prepared_references) == {job.config.texture.render_res}
 
 
 def _corner_angles_deg(camera: CameraConfig, fov_deg: float) -> torch.Tensor:
