@@ -100,8 +100,9 @@ class RelayStore:
         self._has_result = True
         self._out.put(("result", bytes(glb)))
 
-    def load_result(self, job_id: str) -> bytes | None:
-        return b"glTF" if self._has_result else None  # JobContext only asks whether there is one
+    def has_result(self, job_id: str) -> bool:
+        """Whether the front had stored the job's GLB when it started it, or the job sent it since."""
+        return self._has_result
 
 
 class JobActor:

@@ -111,7 +111,7 @@ class JobContext:
         """Set once a `mesh` event with `final: True` is emitted."""
         self._store = store
         self._hooks = hooks
-        self._has_result = store.load_result(job_id) is not None
+        self._has_result = store.has_result(job_id)
 
     @property
     def has_result(self) -> bool:

@@ -163,8 +163,7 @@ class Job:
             raise JobFailed(
                 "steps.coarse = 0 leaves nothing to shape the object; only refine jobs skip it"
             )
-        self.reference_source = self._decode_reference()
-        self.reference = self._reference(self.config.coarse.render_res)
+        self.reference_source = self._mask_reference()
         # 2. Where to start: the newest checkpoint of this job, or the beginning.
         resume = self._load_checkpoint()
         first = STAGES.index(resume.stage) if resume else (2 if refine else 0)
@@ -209,6 +208,7 @@ class Job:
                 occupancy.occupied_g3 = resume.tensors["occupancy_g3"].to(self.device)
         hybrid = self._hybrid_guidance(max(1, round(cfg.anneal_fraction * cfg.steps)),
                                        cfg.t_start, cfg.t_end)
+        reference = self._reference(cfg.render_res)
         ranges = self._camera_ranges()
         cadence = self._cadence(cfg.steps)
         self._stage_start("coarse", cfg.steps, start, {"neus": neus}, {"coarse": optimiser},
@@ -250,13 +250,13 @@ class Job:
             values = dict(info)
             self._backward(losses, values)
             # 7. The reference view holds the image: RGB, mask, depth (and normal).
-            if self.reference is not None:
+            if reference is not None:
                 ref_cam = self._reference_camera(ranges, cfg.render_res)
                 ref_out = render_neus(neus, ref_cam, torch.ones(3, device=self.device),
                                       cfg.num_samples, cos_anneal_ratio=anneal, occupancy=occupancy,
                                       stratified=True, generator=self.device_generator)
                 ref_depth = view_axis_depth(ref_out["depth"], ref_out["opacity"], ref_cam)
-                ref = reference_terms(self.reference, ref_cam, ref_out["rgb"], ref_out["opacity"],
+                ref = reference_terms(reference, ref_cam, ref_out["rgb"], ref_out["opacity"],
                                       ref_depth, ref_out["normal"])
                 ref_losses = {"ref_rgb": (cfg.ref_rgb_weight, ref["rgb"]),
                               "ref_mask": (cfg.ref_mask_weight, ref["mask"])}
@@ -627,7 +627,7 @@ class Job:
         """Progressive view training: 0 (the reference view) to 1 (the full ranges) over the
         first `widen_fraction` of the coarse stage; text-only jobs use the full ranges."""
         cfg = self.config.coarse
-        if self.reference is None:
+        if self.reference_source is None:
             return 1.0
         return min(1.0, step / max(1.0, cfg.widen_fraction * cfg.steps))
 
@@ -647,14 +647,15 @@ class Job:
 
         return reference_camera(ranges, size, size, self.device)
 
-    def _decode_reference(self):
-        """The job's reference image decoded once ([H, W, 3|4] floats), or None for text-only
-        jobs; every stage prepares its own copy from it."""
+    def _mask_reference(self):
+        """The job's reference image decoded and masked once (a `MaskedImage`: the matting
+        model runs here, at most once per job), or None for text-only jobs; every stage
+        prepares its own size from it."""
         if "image" not in self.ctx.inputs:
             return None
-        from backend.guidance.reference import decode_image
+        from backend.guidance.reference import mask_image
 
-        return decode_image(self.ctx.inputs["image"])
+        return mask_image(self.ctx.inputs["image"], models=self.guidance)
 
     def _reference(self, size: int):
         """The reference prepared at `size`² (mask, recentring, depth), made once per size; None

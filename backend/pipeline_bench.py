@@ -177,15 +177,7 @@ def bench_job_class(models: str):
             return self.guidance.bench_embeddings
 
         def _zero123_reference(self):
-            return self.guidance.bench_reference if self.reference is not None else None
-
-        def _prepare_reference(self):
-            if "image" not in self.ctx.inputs:
-                return None
-            from backend.guidance.reference import prepare_reference
-
-            return prepare_reference(self.ctx.inputs["image"], size=self.config.coarse.render_res,
-                                     models=None, device=self.device)
+            return self.guidance.bench_reference if self.reference_source is not None else None
 
     return RandomEncodingJob
 

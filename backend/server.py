@@ -290,7 +290,8 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._sock: ServerSocket = None
         self._problems: dict[str, str] = {}
-        """What is wrong now, by source ("worker", "store", "keys"): reported in `degraded`."""
+        """What is wrong now, by source ("worker NAME" for each worker, "store", "keys"): reported
+        in `degraded`."""
         self._damage: list[Damage] = list(self.store.damage)
         """Damage found in the store, at start and since."""
         self._dropped: collections.deque[float] = collections.deque()
@@ -796,6 +797,8 @@ class Server:
     def _work_loop(self, worker: JobWorker) -> None:
         unfinished: dict[str, tuple[str, str | None]] = {}  # job_id -> its end, not stored yet
         wait_s = STORE_RETRY_S[0]
+        name = worker.info.name
+        problem_key = f"worker {name}"  # its own line in `degraded`, as when it leaves the pool
         while not self._shutdown.is_set():
             try:
                 # 1. While the store cannot be written (a full disk), wait and try again.
@@ -809,10 +812,11 @@ class Server:
                     self._remove_worker(worker)
                     return
                 wait_s = STORE_RETRY_S[0]
-                self._problems.pop("worker", None)
+                self._problems.pop(problem_key, None)
             except Exception as exc:  # the store failed under the worker: report, wait, go on
-                log.exception("the worker could not use the store; it tries again in %.0f s", wait_s)
-                self._problems["worker"] = f"the worker cannot use the store: {type(exc).__name__}: {_one_line(exc)}"
+                log.exception("worker %s could not use the store; it tries again in %.0f s", name, wait_s)
+                self._problems[problem_key] = (f"worker {name} cannot use the store: "
+                                               f"{type(exc).__name__}: {_one_line(exc)}")
                 self._note_store_failure(exc)
                 self._shutdown.wait(wait_s)
                 wait_s = min(2 * wait_s, STORE_RETRY_S[1])

@@ -633,6 +633,10 @@ class JobStore:
         path = self._result_path(job_id)
         return path.read_bytes() if path.exists() else None
 
+    def has_result(self, job_id: str) -> bool:
+        """Whether the job's final GLB is stored (without reading it)."""
+        return self._result_path(job_id).exists()
+
     # 5. Rows -> records ---------------------------------------------------------------------
 
     def _record(self, row: sqlite3.Row | tuple) -> JobRecord:

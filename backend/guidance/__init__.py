@@ -8,7 +8,7 @@ submodules where they are used:
     backend.guidance.sds        encode_prompt, view_index, sds_loss (2D prior, Perp-Neg option)
     backend.guidance.zero123    zero123_pose, encode_reference, zero123_sds_loss
     backend.guidance.schedule   anneal_t_range, HybridConfig, HybridGuidance (λ_sd·L_SDS + λ_3d·L_3D-SDS)
-    backend.guidance.reference  prepare_reference, ReferenceRender, reference_losses
+    backend.guidance.reference  mask_image, prepare_reference, ReferenceRender, reference_losses
     backend.guidance.bsd        BSDConfig, BSD (DreamBooth LoRA + VSD LoRA texture distillation)
     backend.guidance.bench      python -m backend.guidance.bench --device cuda
 

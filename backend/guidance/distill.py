@@ -1,7 +1,7 @@
 """The 2D prior's score-distillation methods, selectable per job: SDS, NFSD, ISM, SJC, VSD.
 
     check_method(name) -> name                      GuidanceInputError listing the valid methods
-    Distiller(prior, embeddings, config)
+    Distiller(prior, embeddings, config, perp_neg=False)
         .loss(rgb_bxhxwx3, cameras, t_range, guidance_scale, generator) -> (loss, SDSInfo)
         .loss_on(x0, cameras, t_range, guidance_scale, generator)       the same on x₀
         .close()                                                         remove VSD's LoRA
@@ -20,6 +20,9 @@ guidance scale, ∅ the empty prompt, y the (view-dependent) prompt, y_neg the n
           (each with its own t_k and ε_k: perturb-and-average scoring, weight 1)
     vsd   w(t)·(ε_u + s·(ε_y − ε_u) − ε_lora(x_t; y, c))                ProlificDreamer
           (the LoRA, `backend.guidance.bsd.BSD` without bootstrap, learns the renders' score)
+
+Perp-Neg (`perp_neg=True`, `sds.sds_loss_on`) replaces SDS's guided score with Perp-Neg's (4 UNet
+evaluations per sample); it is an SDS variant, refused with the other methods.
 
 Draw order on the generator: SDS, NFSD, ISM, VSD draw t, then ε (VSD then draws its LoRA
 update's t and ε); SJC draws t_k, ε_k for k = 1 … K. UNet evaluations per sample and step:
@@ -66,8 +69,13 @@ def ddim_step(prior: Prior2D, x: torch.Tensor, eps: torch.Tensor, t_from_b: torc
 class Distiller:
     """One stage's 2D score distillation with the configured method (module docstring)."""
 
-    def __init__(self, prior: Prior2D, embeddings: PromptEmbeddings, config: DistillConfig) -> None:
+    def __init__(self, prior: Prior2D, embeddings: PromptEmbeddings, config: DistillConfig,
+                 perp_neg: bool = False) -> None:
         self.method = check_method(config.method)
+        if perp_neg and self.method != "sds":
+            raise ValueError(f"perp_neg: works with SDS only, not distill={self.method!r}")
+        self.perp_neg = perp_neg
+        """SDS with Perp-Neg's guided score (view-dependent `embeddings` needed)."""
         self.prior = prior
         self.embeddings = embeddings
         self.config = config
@@ -91,7 +99,8 @@ class Distiller:
         """The loss on x₀ in the prior's space; SDS and SJC use `guidance_scale` (the stage's),
         NFSD, ISM and VSD their papers' scales from the config."""
         if self.method == "sds":
-            return sds_loss_on(self.prior, x0, self.embeddings, cameras, t_range, guidance_scale, generator)
+            return sds_loss_on(self.prior, x0, self.embeddings, cameras, t_range, guidance_scale, generator,
+                               perp_neg=self.perp_neg)
         if self.method == "vsd":
             return self._vsd(x0, cameras, t_range, generator)
         if self.method == "sjc":

@@ -1,13 +1,15 @@
 """The reference image: validated, masked, recentred, with an estimated depth; and its losses.
 
-    prepare_reference(image, size=256, border=0.15, models=None, device="cpu") -> ReferenceImage
+    mask_image(image, models=None) -> MaskedImage
+    prepare_reference(image | MaskedImage, size=256, border=0.15, models=None, device="cpu") -> ReferenceImage
     reference_losses(render: ReferenceRender, reference: ReferenceImage) -> dict[str, Tensor]
 
 Preparing (all on the CPU side, before any GPU work; bad input raises GuidanceInputError("image")):
   1. decode PNG/JPEG bytes (at most 32 MiB, 4,096 px a side) or take an [H, W, 3|4] array;
-  2. the mask: the alpha channel where present; else the matting model; else the pixels that
-     differ from the median colour of the image border (for objects photographed on a plain
-     background); an empty mask is an error;
+  2. the mask, on the image as sent: the alpha channel where present; else the matting model;
+     else the pixels that differ from the median colour of the image border (for objects
+     photographed on a plain background); an empty mask is an error. Steps 1 and 2 are
+     `mask_image`: a job does them once and prepares each size it needs from the result;
   3. recentre: the mask's bounding box is centred in a square whose side leaves `border` of the
      output free on each side around the longer side of the box, then resized to `size` with
      premultiplied alpha (the colour under transparent pixels never bleeds into the edge, so
@@ -63,6 +65,18 @@ class ReferenceImage:
     """Where the mask came from: "alpha", "matting" or "border_colour"."""
     depth_output: str = "disparity"
     """What `depth_hxwx1` measures: "disparity" (larger = nearer) or "depth" (larger = farther)."""
+
+
+@dataclass
+class MaskedImage:
+    """The reference image decoded and masked at its own size (steps 1 and 2), before any resizing."""
+
+    rgb_hxwx3: np.ndarray
+    """[H, W, 3] float32 in [0, 1], as sent."""
+    mask_hxw: np.ndarray
+    """[H, W] float32 in [0, 1], not empty."""
+    source: str
+    """Where the mask came from: "alpha", "matting" or "border_colour"."""
 
 
 @dataclass
@@ -190,16 +204,9 @@ def _estimate_depth(depth, rgb_hxwx3: torch.Tensor, mask_hxwx1: torch.Tensor) ->
     return torch.where(inside, standardised, torch.zeros_like(standardised)).float()
 
 
-def prepare_reference(
-    image: bytes | np.ndarray,
-    size: int = 256,
-    border: float = 0.15,
-    models=None,
-    device: torch.device | str = "cpu",
-) -> ReferenceImage:
-    """Validate and prepare the reference image (module docstring); tensors on `device`."""
-    if not 0.0 <= border < 0.5:
-        raise ValueError(f"border: expected a fraction in [0, 0.5), got {border}")
+def mask_image(image: bytes | np.ndarray, models=None) -> MaskedImage:
+    """Decode, validate and mask the reference image (steps 1 and 2; the matting model, when
+    `models` has one and the image has no alpha, runs here)."""
     # 1. Decode and validate.
     pixels = decode_image(image)
     rgb = pixels[..., :3]
@@ -215,8 +222,24 @@ def prepare_reference(
         raise GuidanceInputError(
             "image", f"has nothing in its mask (mask from {source}); send a PNG whose alpha marks the object"
         )
+    return MaskedImage(rgb, mask, source)
+
+
+def prepare_reference(
+    image: bytes | np.ndarray | MaskedImage,
+    size: int = 256,
+    border: float = 0.15,
+    models=None,
+    device: torch.device | str = "cpu",
+) -> ReferenceImage:
+    """Validate and prepare the reference image (module docstring); tensors on `device`. A
+    `MaskedImage` is resized as it is (its mask is not made again)."""
+    if not 0.0 <= border < 0.5:
+        raise ValueError(f"border: expected a fraction in [0, 0.5), got {border}")
+    # 1. Decode and validate; 2. the mask.
+    masked = image if isinstance(image, MaskedImage) else mask_image(image, models)
     # 3. Recentre and resize (premultiplied); 4. composite on white.
-    square = _recentre(np.concatenate([rgb, mask[..., None]], axis=-1), size, border)
+    square = _recentre(np.concatenate([masked.rgb_hxwx3, masked.mask_hxw[..., None]], axis=-1), size, border)
     mask_t = square[..., 3:]
     rgb_t = (square[..., :3] + (1.0 - mask_t)).clamp(0.0, 1.0)
     # 5. Depth.
@@ -227,7 +250,7 @@ def prepare_reference(
         rgb_hxwx3=rgb_t.to(device),
         mask_hxwx1=mask_t.to(device),
         depth_hxwx1=depth_t.to(device) if depth_t is not None else None,
-        mask_source=source,
+        mask_source=masked.source,
         depth_output=depth_model.output if depth_model is not None else "disparity",
     )
 

@@ -25,7 +25,7 @@ from backend.cameras import Cameras
 from backend.config import DistillConfig
 from backend.guidance.distill import Distiller
 from backend.guidance.models import GuidanceModels
-from backend.guidance.sds import PromptEmbeddings, sds_loss
+from backend.guidance.sds import PromptEmbeddings
 from backend.guidance.zero123 import zero123_pose, zero123_sds_loss
 
 
@@ -94,9 +94,7 @@ class HybridGuidance:
         self.reference = reference if models.zero123 is not None else None
         self.reference_camera = reference_camera
         self.config = config
-        if config.perp_neg and config.distill.method != "sds":
-            raise ValueError(f"perp_neg: works with SDS only, not distill={config.distill.method!r}")
-        self.distiller = Distiller(models.prior2d, embeddings, config.distill)
+        self.distiller = Distiller(models.prior2d, embeddings, config.distill, perp_neg=config.perp_neg)
 
     @property
     def uses_zero123(self) -> bool:
@@ -128,11 +126,7 @@ class HybridGuidance:
         config = self.config
         t_range = self.t_range(step)
         # 1. 2D score distillation with the text prior (SDS unless configured otherwise).
-        if config.perp_neg:
-            loss_2d, info_2d = sds_loss(self.models.prior2d, rgb_bxhxwx3, self.embeddings, cameras, t_range,
-                                        config.guidance_scale_2d, generator, perp_neg=True)
-        else:
-            loss_2d, info_2d = self.distiller.loss(rgb_bxhxwx3, cameras, t_range, config.guidance_scale_2d, generator)
+        loss_2d, info_2d = self.distiller.loss(rgb_bxhxwx3, cameras, t_range, config.guidance_scale_2d, generator)
         parts = {"sds": float(loss_2d.detach()), "grad_sds": config.sds_weight * info_2d.grad_norm,
                  "t_lo": t_range[0], "t_hi": t_range[1]}
         if not self.uses_zero123:

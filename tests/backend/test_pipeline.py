@@ -294,7 +294,7 @@ def test_zero123_encodes_the_reference_at_its_own_size_and_the_losses_at_the_ren
     ctx = _context(tmp_path / "out", "generate", {"prompt": "a red ball"}, {"image": image})
     config = config_for_job(ctx.params, runner.preset)
     job = Job(ctx, config, runner.guidance, runner.torch_device)
-    job.reference_source = job._decode_reference()
+    job.reference_source = job._mask_reference()
     z123 = runner.guidance.zero123
     assert config.coarse.render_res < z123.resolution  # tiny: 16² renders, Zero123 sees 32²
     # Zero123's conditioning comes from the image prepared at Zero123's input size, not upsampled

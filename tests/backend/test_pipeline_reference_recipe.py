@@ -31,20 +31,25 @@ class RecordingContext(LocalContext):
         self.seen.append((stage, step, dict(losses or {})))
 
 
-def _reference_png() -> bytes:
+def _reference_png(alpha: bool = True) -> bytes:
+    """A red disc, on transparent black (its alpha is the mask) or on white (no alpha: the
+    matting model makes the mask)."""
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    image = Image.new("RGBA", (64, 64), (0, 0, 0, 0)) if alpha else Image.new("RGB", (64, 64), (255, 255, 255))
     ImageDraw.Draw(image).ellipse((16, 12, 48, 52), fill=(200, 40, 30, 255))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _job(tmp_path: Path, runner, steps: dict, image: bool = True) -> tuple[Job, RecordingContext]:
-    inputs = {"image": _reference_png()} if image else {}
+def _job(tmp_path: Path, runner, steps: dict, image: bytes | None = _reference_png(),
+         mesh: dict | None = None) -> tuple[Job, RecordingContext]:
+    """A generate job, or a refine_texture one of `mesh` (its positions and faces buffers)."""
+    kind = "generate" if mesh is None else "refine_texture"
+    inputs = {**(mesh or {}), **({"image": image} if image is not None else {})}
     params = {"prompt": "a red ball", "steps": steps, "texture_size": 256, "mesh_every": 100}
-    ctx = RecordingContext(out_dir=tmp_path, kind="generate", params=validate_submit("generate", params, inputs),
+    ctx = RecordingContext(out_dir=tmp_path, kind=kind, params=validate_submit(kind, params, inputs),
                            inputs=inputs, show_progress=False)
     ctx.seen = []
     ctx.open("test")
@@ -154,15 +159,37 @@ def test_the_reference_keeps_its_edges_free_of_the_transparent_colour() -> None:
     assert torch.allclose(reference.rgb_hxwx3[..., 0], torch.ones_like(mask), atol=1e-5)
 
 
-def test_each_stage_gets_the_reference_at_its_render_size(tmp_path: Path, runner) -> None:
-    job, _ = _job(tmp_path, runner, {"coarse": 2, "geometry": 2, "texture": 2})
-    job.run()
+def test_each_stage_gets_the_reference_at_its_render_size_from_one_matting(tmp_path: Path, runner) -> None:
+    """An image without alpha: the real matting model runs once for the job, and every size
+    is resized from that mask."""
+    job, _ = _job(tmp_path, runner, {"coarse": 2, "geometry": 2, "texture": 2}, image=_reference_png(alpha=False))
+    mattings = []
+    hook = runner.guidance.matting.model.register_forward_pre_hook(
+        lambda module, args, kwargs: mattings.append(kwargs["pixel_values"].shape), with_kwargs=True)
+    try:
+        job.run()
+    finally:
+        hook.remove()
     cfg = job.config
     sizes = {cfg.coarse.render_res, cfg.geometry.render_res, cfg.texture.render_res,
              runner.guidance.zero123.resolution}
+    assert len(sizes) > 1 and len(mattings) == 1
     assert set(job._prepared_references) == sizes
     for size, reference in job._prepared_references.items():
-        assert reference.rgb_hxwx3.shape == (size, size, 3)
+        assert reference.rgb_hxwx3.shape == (size, size, 3) and reference.mask_source == "matting"
+
+
+def test_a_refine_job_prepares_the_reference_only_at_the_texture_size(tmp_path: Path, runner) -> None:
+    """Refine jobs skip the coarse stage, so the reference is never prepared at its size."""
+    from backend.meshio import load_mesh
+    from tests.backend.mesh_runner import MESHES_DIR
+
+    suzanne = load_mesh(MESHES_DIR / "suzanne.obj", triangulate=True)
+    mesh = {"positions": suzanne.verts_vx3.astype("<f4"), "faces": suzanne.faces_fx3.astype("<i4")}
+    job, _ = _job(tmp_path, runner, {"texture": 2}, mesh=mesh)
+    job.run()
+    assert job.config.coarse.render_res != job.config.texture.render_res
+    assert set(job._prepared_references) == {job.config.texture.render_res}
 
 
 def _corner_angles_deg(camera: CameraConfig, fov_deg: float) -> torch.Tensor:

@@ -300,3 +300,32 @@ def test_without_ray_the_server_does_not_import_it() -> None:
     code = ("import sys; from backend.__main__ import build_parser; from backend.server import Server; "
             "build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
+
+
+def test_a_workers_context_knows_whether_the_front_stored_the_result() -> None:
+    """The relay store a job's context writes to on a worker answers `has_result` as the front's
+    store would: from what the front had stored when it started the job, then from the job."""
+    from queue import SimpleQueue
+
+    from backend.cluster import JobSpec, RelayStore
+    from backend.jobs import JobContext, JobHooks
+    from protocol.params import validate_submit
+    from tests.backend.mesh_runner import MESHES_DIR, glb_bytes, load_obj
+
+    params = {"prompt": "cube"}
+
+    def context(stored: bool) -> tuple[JobContext, SimpleQueue]:
+        out: SimpleQueue = SimpleQueue()
+        spec = JobSpec(job_id="0" * 32, kind="generate", params=params, inputs={}, resumed=stored,
+                       checkpoint=None, has_result=stored, last_seq=3)
+        ctx = JobContext(job_id=spec.job_id, kind="generate", params=validate_submit("generate", params, {}),
+                         inputs={}, resumed=stored, store=RelayStore(spec, out),
+                         hooks=JobHooks(on_event=lambda event: None, on_progress=lambda *args: None))
+        return ctx, out
+
+    assert context(stored=True)[0].has_result
+    ctx, out = context(stored=False)
+    assert not ctx.has_result
+    glb = glb_bytes(*load_obj(MESHES_DIR / "suzanne.obj"))
+    ctx.set_result(glb)
+    assert ctx.has_result and out.get_nowait() == ("result", glb)

@@ -75,12 +75,13 @@ def test_everything_survives_reopening(tmp_path: Path) -> None:
     store.append_event(job_id, {"event": "stage", "stage": "texture", "steps": 4})
     store.save_checkpoint(job_id, b"step 3")
     store.save_checkpoint(job_id, b"step 4")
+    assert not store.has_result(job_id)
     store.save_result(job_id, b"glTF...")
     store.close()
     reopened = JobStore(tmp_path)
     assert [e.seq for e in reopened.events_after(job_id, 0)] == [1, 2]
     assert reopened.load_checkpoint(job_id) == b"step 4"
-    assert reopened.load_result(job_id) == b"glTF..."
+    assert reopened.has_result(job_id) and reopened.load_result(job_id) == b"glTF..."
     inputs = reopened.load_inputs(job_id)
     assert inputs["image"] == image and inputs["faces"].tolist() == [[0, 1, 2]]
     assert reopened.append_event(job_id, {"event": "state", "state": "running"}).seq == 3

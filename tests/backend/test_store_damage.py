@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,12 @@ import numpy as np
 import pytest
 
 from backend.__main__ import main
+from backend.server import LocalWorker, Server, ServerConfig, WorkerInfo
 from backend.store import JobStore
 from backend.store_check import DB_NAME, scan_wal
-from tests.backend.mesh_runner import REPO_ROOT, MeshRunner, collect_until_final
-from tests.backend.test_server import HELLO, request, start  # noqa: F401 (fixture)
+from protocol.transport import ClientSocket
+from tests.backend.mesh_runner import REPO_ROOT, MeshRunner, ServerThread, collect_until_final
+from tests.backend.test_server import HELLO, request, start, submit, wait_for  # noqa: F401 (fixture)
 
 MESH = {"positions": np.arange(30, dtype=np.float32).reshape(10, 3), "faces": np.array([[0, 1, 2]], np.int32)}
 
@@ -171,3 +175,42 @@ def test_leftovers_of_crashed_writes_are_removed(tmp_path: Path) -> None:
     store = JobStore(directory)
     assert not leftover.exists() and store.damage == []
     store.close()
+
+
+def test_one_workers_store_problem_is_not_cleared_by_another_worker(tmp_path: Path) -> None:
+    """Two workers; the row of one's job is damaged as it runs, so that worker cannot store the
+    end. Its line stays in `degraded` while the other worker goes on serving, and goes once the
+    row is whole again and the end is stored."""
+    runner = MeshRunner(step_delay_s=0.1, steps_per_stage=4)
+    workers = [LocalWorker(runner, WorkerInfo(name, "localhost", None)) for name in ("one", "two")]
+    store_dir = tmp_path / "store"
+    server = ServerThread(Server(ServerConfig(store_dir=store_dir, bind="tcp://127.0.0.1:*"), None, None, workers))
+    client = ClientSocket(server.address)
+    db = sqlite3.connect(store_dir / DB_NAME)
+
+    def stuck(worker: str) -> bool:
+        return any(line.startswith(f"worker {worker} cannot use the store")
+                   for line in request(client, "ping").body["problems"])
+
+    try:
+        damaged = submit(client, "suzanne")
+        wait_for(lambda: any(job.get("worker") for job in request(client, "list_jobs").body["jobs"]))
+        busy = request(client, "list_jobs").body["jobs"][0]["worker"]["name"]
+        (params,) = db.execute("SELECT params FROM jobs WHERE job_id = ?", (damaged,)).fetchone()
+        with db:
+            db.execute("UPDATE jobs SET params = ? WHERE job_id = ?", (b"\xc1", damaged))  # not msgpack
+        wait_for(lambda: stuck(busy), 30)
+        served = submit(client, "suzanne")  # the other worker runs it while the line stays
+        assert collect_until_final(client, served, timeout_s=30)[-1].body["state"] == "done"
+        deadline = time.monotonic() + 4  # the other worker's loop goes round every second
+        while time.monotonic() < deadline:
+            assert stuck(busy)
+            time.sleep(0.2)
+        with db:
+            db.execute("UPDATE jobs SET params = ? WHERE job_id = ?", (params, damaged))
+        assert collect_until_final(client, damaged, timeout_s=30)[-1].body["state"] == "done"
+        wait_for(lambda: not request(client, "ping").body["degraded"], 20)
+    finally:
+        db.close()
+        client.close()
+        server.stop()

@@ -15,6 +15,7 @@ from backend.guidance.reference import (
     ReferenceImage,
     ReferenceRender,
     depth_to_normals,
+    mask_image,
     prepare_reference,
     reference_losses,
 )
@@ -98,6 +99,18 @@ def test_matting_and_depth_estimators_are_used(tiny_models):
     else:
         with pytest.raises(GuidanceInputError, match="mask from matting"):
             prepare_reference(rgb, size=32, models=tiny_models)
+
+
+def test_a_masked_image_prepares_each_size_as_the_image_itself_does(tiny_models):
+    image = _png(_rgba_box()[..., :3])  # no alpha: the matting model makes the mask
+    masked = mask_image(image, models=tiny_models)
+    assert masked.source == "matting" and masked.mask_hxw.shape == (80, 120)
+    for size in (16, 48):
+        once = prepare_reference(masked, size=size, models=tiny_models)
+        again = prepare_reference(image, size=size, models=tiny_models)
+        assert once.mask_source == again.mask_source == "matting"
+        for name in ("rgb_hxwx3", "mask_hxwx1", "depth_hxwx1"):
+            torch.testing.assert_close(getattr(once, name), getattr(again, name))
 
 
 def test_depth_to_normals_of_planes():

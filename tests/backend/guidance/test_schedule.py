@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from backend.cameras import Cameras
+from backend.config import DistillConfig
 from backend.guidance.schedule import HybridConfig, HybridGuidance, anneal_t_range
 from backend.guidance.sds import encode_prompt, sds_loss
 from backend.guidance.zero123 import zero123_pose, zero123_sds_loss
@@ -65,3 +66,20 @@ def test_hybrid_without_reference_is_plain_sds(tiny_models):
     expected, _ = sds_loss(tiny_models.prior2d, renders, embeddings, cams, (0.2, 0.5), 50.0,
                            torch.Generator().manual_seed(1))
     assert float(loss) == pytest.approx(0.5 * float(expected), rel=1e-6)
+
+
+def test_hybrid_perp_neg_goes_through_the_distiller_and_needs_sds(tiny_models):
+    embeddings, _, cams, renders = _setup(tiny_models)
+    config = HybridConfig(sds_weight=0.5, anneal_steps=10, guidance_scale_2d=20.0, perp_neg=True)
+    hybrid = HybridGuidance(tiny_models, embeddings, None, (0.0, 0.0, 3.8), config)
+    assert hybrid.distiller.perp_neg
+    loss, parts = hybrid.loss(renders, cams, step=20, generator=torch.Generator().manual_seed(1))
+    expected, info = sds_loss(tiny_models.prior2d, renders, embeddings, cams, (0.2, 0.5), 20.0,
+                              torch.Generator().manual_seed(1), perp_neg=True)
+    plain, _ = sds_loss(tiny_models.prior2d, renders, embeddings, cams, (0.2, 0.5), 20.0,
+                        torch.Generator().manual_seed(1))
+    assert float(loss) == pytest.approx(0.5 * float(expected), rel=1e-6) and float(expected) != float(plain)
+    assert parts["grad_sds"] == pytest.approx(0.5 * info.grad_norm, rel=1e-6)
+    with pytest.raises(ValueError, match=r"perp_neg: works with SDS only, not distill='nfsd'"):
+        HybridGuidance(tiny_models, embeddings, None, (0.0, 0.0, 3.8),
+                       HybridConfig(perp_neg=True, distill=DistillConfig(method="nfsd")))
