@@ -34,6 +34,7 @@ def default_store_dir() -> Path:
 
 def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
     """Register `serve`."""
+    from backend.config import PRESETS
     from backend.server import (
         DEFAULT_BIND, DEFAULT_KEEP_DAYS, DEFAULT_MAX_BYTES_PER_KEY, DEFAULT_MAX_JOBS_PER_KEY, DEFAULT_MAX_QUEUE,
     )
@@ -53,6 +54,8 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> None:
                        help="allow a non-loopback --bind without --keys (unencrypted, unauthenticated)")
     serve.add_argument("--models", default="default",
                        help="model set the pipeline loads: default, tiny, a folder or oracle:MESH[,TEXTURE] (default: default)")
+    serve.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="run every job at this preset whatever its quality (small: what a CPU finishes in minutes)")
     serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                        help=f"most waiting jobs; more get queue_full (default {DEFAULT_MAX_QUEUE})")
     serve.add_argument("--keep-days", type=float, default=DEFAULT_KEEP_DAYS,
@@ -92,7 +95,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         store_dir=args.store if args.store is not None else default_store_dir(),
         bind=args.bind, keys_dir=args.keys, insecure=args.insecure,
-        max_queue=args.max_queue, device=args.device or "cpu", models=args.models,
+        max_queue=args.max_queue, device=args.device or "cpu", models=args.models, preset=args.preset,
         keep_days=args.keep_days, max_jobs_per_key=args.max_jobs_per_key,
         max_bytes_per_key=args.max_bytes_per_key, max_connections=args.max_connections,
     )
@@ -108,7 +111,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.device is None:
         config.device = _default_device()
     try:
-        runner, missing = load_runner(config.models, config.device)
+        runner, missing = load_runner(config.models, config.device, config.preset)
     except Exception as exc:  # the pipeline exists but cannot run here: say why, do not serve
         return _refuse(f"cannot load the pipeline (--models {config.models} --device {config.device}): "
                        f"{type(exc).__name__}: {exc}")
@@ -124,7 +127,7 @@ def _serve_on_ray(config: "ServerConfig", address: str, workers: int | None) -> 
 
     try:
         connect(address)
-        pool = start_workers(config.models, config.device, workers)
+        pool = start_workers(config.models, config.device, workers, config.preset)
     except ConfigError as exc:
         return _refuse(str(exc))
     except Exception as exc:  # Ray itself refused (a version mismatch, a bad token): one line

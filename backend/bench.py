@@ -31,6 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from backend.bench_reconstruct import PRESETS
+    from backend.config import PRESETS as PIPELINE_PRESETS
     from protocol.params import DISTILL_METHODS
 
     parser = _Parser(prog="python -m backend.bench", description=__doc__.splitlines()[0])
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mesh", required=True, type=Path, help="ground-truth mesh (.obj, .glb, .gltf)")
     gen.add_argument("--texture", type=Path, help="base-colour image for the mesh's UVs (overrides an MTL's)")
     gen.add_argument("--text-only", action="store_true", help="no reference image: the prompt's prior alone")
-    gen.add_argument("--quality", default="draft", choices=sorted(PRESETS), help="pipeline preset (default draft)")
+    gen.add_argument("--quality", default="draft", choices=sorted(PIPELINE_PRESETS), help="pipeline preset (default draft)")
     gen.add_argument("--steps", default="", help='per-stage step overrides, e.g. "coarse=300,geometry=100,texture=50"')
     gen.add_argument("--set", default="", metavar="STAGE.FIELD=V,...",
                      help='stage-config fields to replace in the preset, e.g. "coarse.render_res=32,coarse.mesh_res=32"')

@@ -108,9 +108,10 @@ class RelayStore:
 class JobActor:
     """One worker on the cluster: loads the models once, then runs jobs one after another."""
 
-    def __init__(self, models: str, device: str) -> None:
+    def __init__(self, models: str, device: str, preset: str | None = None) -> None:
         self._models = models
         self._device = device
+        self._preset = preset
         self._runner = None
         self._hooks: dict[str, JobHooks] = {}
 
@@ -124,7 +125,7 @@ class JobActor:
         from backend.pipeline import make_runner
 
         if self._runner is None:
-            self._runner = make_runner(models=self._models, device=self._device)
+            self._runner = make_runner(models=self._models, device=self._device, preset=self._preset)
         return self._runner.device, dict(self._runner.models)
 
     def run(self, spec: JobSpec) -> Iterator[tuple]:
@@ -305,12 +306,12 @@ def plan_workers(resources: dict[str, float], device: str, workers: int | None) 
     return gpus, {"num_cpus": 0, "num_gpus": 1}
 
 
-def start_workers(models: str, device: str, workers: int | None) -> list[RayWorker]:
+def start_workers(models: str, device: str, workers: int | None, preset: str | None = None) -> list[RayWorker]:
     """Start the workers on the cluster this process joined (`connect`) and load their models;
     the ones that cannot serve are named in the log and left out. ConfigError when there is
     nothing to serve with."""
     count, options = plan_workers(ray.cluster_resources(), device, workers)
-    pool = [RayWorker(RemoteJobActor.options(max_restarts=-1, **options).remote(models, device), f"worker{index}")
+    pool = [RayWorker(RemoteJobActor.options(max_restarts=-1, **options).remote(models, device, preset), f"worker{index}")
             for index in range(count)]
     with concurrent.futures.ThreadPoolExecutor(len(pool)) as threads:  # they load their models at once
         started = [worker for worker, ok in zip(pool, threads.map(RayWorker.start, pool)) if ok]

@@ -382,8 +382,29 @@ PRESETS: dict[str, PipelineConfig] = {
         texture_size=256,
         target_faces=1000,
     ),
+    # What a CPU finishes in minutes and still makes a recognisable object: the tiny preset with
+    # 32² coarse renders, 32³ streamed meshes, 300 coarse steps and short geometry and texture
+    # stages (`serve --preset small`: the oracle demo on a CPU; the CPU generation bench).
+    "small": PipelineConfig(
+        quality="small",
+        coarse=CoarseConfig(
+            steps=300, render_res=32, num_samples=12, mesh_res=32, lr=2e-2, grid_levels=4,
+            grid_log2_table_size=12, grid_start_levels=0, hidden_dim=16, occupancy_res=16,
+            occupancy_every=4,
+        ),
+        geometry=GeometryConfig(steps=30, render_res=64, dmtet_res=32),
+        texture=TextureConfig(
+            steps=30, render_res=64, bootstrap_period=10, restore_every=2, cache_size=4, restore_steps=2,
+            lora_rank=4, init_fit_steps=10, color_levels=8, color_log2_table_size=14,
+            color_hidden_dim=32,
+        ),
+        stream=StreamConfig(mesh_every=100, first_mesh_at=20, preview_every=10, preview_res=64),
+        texture_size=512,
+        target_faces=5000,
+    ),
 }
-"""The presets by name; `quality` in the params picks one of draft, standard, high."""
+"""The presets by name; `quality` in the params picks one of draft, standard, high (`tiny` and
+`small` are forced on every job by `serve --preset` or `--models tiny`)."""
 
 
 def _get(params: Any, name: str, default: Any = None) -> Any:

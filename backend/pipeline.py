@@ -50,7 +50,8 @@ class PipelineRunner:
     torch_device: torch.device
     """Where the fields, renders and guidance run."""
     preset: str | None
-    """A preset forced on every job ("tiny" with the tiny models), else None: the job's quality."""
+    """A preset forced on every job (`serve --preset`; "tiny" with the tiny models), else None: the
+    job's quality."""
     device: str = ""
     """For `welcome`: e.g. "cpu" or "cuda:0 NVIDIA H100 80GB HBM3"."""
     models: dict[str, str] = field(default_factory=dict)
@@ -70,19 +71,23 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-def make_runner(models: str, device: str) -> PipelineRunner:
+def make_runner(models: str, device: str, preset: str | None = None) -> PipelineRunner:
     """The runner `python -m backend serve` and the CLI use: guidance models `models`
-    ("default", "tiny" or a folder) loaded on `device` ("cpu", "cuda", "cuda:1")."""
+    ("default", "tiny" or a folder) loaded on `device` ("cpu", "cuda", "cuda:1"); `preset` forces
+    every job onto that preset (`serve --preset`; the tiny models force "tiny")."""
+    from backend.config import PRESETS
     from backend.guidance.models import load_models
 
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset {preset!r}: expected one of {', '.join(sorted(PRESETS))}")
     guidance = load_models(models, torch_device)
     return PipelineRunner(
         guidance=guidance,
         torch_device=torch_device,
-        preset="tiny" if models == "tiny" else None,
+        preset=preset or ("tiny" if models == "tiny" else None),
         device=describe_device(torch_device),
         models=guidance.names(),
     )

@@ -116,6 +116,8 @@ class ServerConfig:
     """Device the runner is built for: "cpu" or "cuda"."""
     models: str = "default"
     """Model set name the runner loads (backend.pipeline.make_runner)."""
+    preset: str | None = None
+    """A preset forced on every job (`--preset`), else None: each job's `quality`."""
     keep_days: float = DEFAULT_KEEP_DAYS
     """Finished jobs are removed this many days after they ended; 0 keeps them until deleted."""
     max_jobs_per_key: int = DEFAULT_MAX_JOBS_PER_KEY
@@ -238,7 +240,7 @@ def check_bind_security(config: ServerConfig) -> None:
         )
 
 
-def load_runner(models: str, device: str) -> tuple[JobRunner | None, str | None]:
+def load_runner(models: str, device: str, preset: str | None = None) -> tuple[JobRunner | None, str | None]:
     """The pipeline's runner, or (None, why) when the pipeline module is not installed.
 
     Any other failure (a broken pipeline, a missing CUDA device) propagates: the server must not
@@ -250,7 +252,7 @@ def load_runner(models: str, device: str) -> tuple[JobRunner | None, str | None]
         if exc.name not in ("backend.pipeline",):
             raise
         return None, f"the generation pipeline is not installed: {exc}"
-    return pipeline.make_runner(models=models, device=device), None
+    return pipeline.make_runner(models=models, device=device, preset=preset), None
 
 
 class Server:
@@ -346,6 +348,8 @@ class Server:
                 thread.start()
                 self._threads.append(thread)
             log.info("listening on %s (store %s)", self.bound_address, self.config.store_dir)
+            if self.config.preset is not None:
+                log.info("every job runs at the %s preset, whatever its quality (--preset)", self.config.preset)
             self.ready.set()
             self._loop(sock)
         finally:

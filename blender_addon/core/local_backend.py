@@ -34,6 +34,8 @@ class LocalBackendSettings:
     """The `--models` preset: "default" (real weights) or "tiny" (random tiny models, for tests)."""
     device: str = "cuda"
     """The `--device` the pipeline runs on: "cuda" or "cpu"."""
+    preset: str = ""
+    """A `--preset` forced on every job (e.g. "small" for the oracle demo on a CPU); "" for none."""
 
 
 def check_settings(settings: LocalBackendSettings) -> None:
@@ -60,6 +62,7 @@ def serve_command(settings: LocalBackendSettings) -> list[str]:
         "--store", str(Path(settings.store_dir).expanduser()),
         "--models", settings.models,
         "--device", settings.device,
+        *(["--preset", settings.preset] if settings.preset else []),
     ]
 
 

@@ -6,7 +6,9 @@
 2. Installs the extension from the zip into the bpy module (a private user-resources folder).
 3. Sets the add-on to LOCAL: a local `python -m backend serve` on the oracle models of that cow
    (`--models oracle:out/oracle/spot.obj,spot_texture.png`: exact denoisers of its renders, so the
-   pipeline makes a real cow without any weights), the tiny random models, or the real ones.
+   pipeline makes a real cow without any weights), the tiny random models, or the real ones. On
+   a GPU the oracle job runs the draft preset; on a CPU the backend forces the small one
+   (`serve --preset small`: 32² coarse renders, 300 coarse steps), which takes minutes.
 4. Generates from the prompt and image, pumping events (timers never run in the bpy module).
 5. Writes out/demo.blend, out/demo.glb and a Cycles render out/demo.png, then stops the backend.
 """
@@ -28,7 +30,9 @@ SHARED = REPO / ".." / "shared"
 MODULE = "bl_ext.user_default.dreamloom"
 DEFAULT_PROMPT = "a black and white cow, standing, photorealistic"
 ORACLE_STEPS = "coarse=300,geometry=60,texture=30"
-"""Steps of the oracle demo at the draft preset when no --steps are given."""
+"""Steps of the oracle demo at the draft preset (on a GPU) when no --steps are given."""
+CPU_PRESET = "small"
+"""The preset the oracle demo's backend forces on a CPU (`serve --preset small`): minutes, not hours."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -185,11 +189,13 @@ def main(argv: list[str]) -> int:
     prefs.backend_store_dir = str(out / "store")
     prefs.backend_models = "default" if args.models == "oracle" else args.models
     prefs.backend_device = device
-    say(f"starting the backend (--models {models} --device {device}) at {prefs.backend_address}")
+    preset = CPU_PRESET if args.models == "oracle" and device == "cpu" else ""
+    say(f"starting the backend (--models {models} --device {device}{' --preset ' + preset if preset else ''}) "
+        f"at {prefs.backend_address}")
     if args.models == "oracle":  # the preference offers default and tiny: start it with the oracle spec
         runtime = sys.modules[f"{MODULE}.runtime"]
-        runtime.STATE.local = runtime.LocalBackend(dataclasses.replace(prefs.local_backend(), models=models),
-                                                   out / "backend.log")
+        runtime.STATE.local = runtime.LocalBackend(
+            dataclasses.replace(prefs.local_backend(), models=models, preset=preset), out / "backend.log")
         runtime.STATE.local.start()
 
     # 4. Generate and follow the job.
@@ -201,7 +207,7 @@ def main(argv: list[str]) -> int:
         steps = args.steps
         if args.models == "oracle":
             settings.quality = "draft"
-            steps = steps or ORACLE_STEPS
+            steps = steps or (ORACLE_STEPS if device != "cpu" else "")
         bpy.ops.dreamloom.generate(steps=steps)
         deadline = time.monotonic() + args.timeout
         last = ""

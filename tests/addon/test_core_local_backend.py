@@ -18,6 +18,9 @@ def test_serve_command():
                                     store_dir="/tmp/store", models="tiny", device="cpu")
     assert serve_command(settings)[1:] == ["-m", "backend", "serve", "--bind", "tcp://127.0.0.1:5599", "--store",
                                            "/tmp/store", "--models", "tiny", "--device", "cpu"]
+    forced = LocalBackendSettings(python=sys.executable, project_dir=str(REPO), address="tcp://127.0.0.1:5599",
+                                  store_dir="/tmp/store", models="tiny", device="cpu", preset="small")
+    assert serve_command(forced)[-2:] == ["--preset", "small"]
 
 
 @pytest.mark.parametrize(

@@ -191,3 +191,15 @@ def test_opaque_loss_is_largest_for_half_covered_pixels() -> None:
     values = [float(opaque_loss(torch.full((1, 2, 2, 1), a))) for a in (0.0, 0.25, 0.5, 1.0)]
     assert values[2] == pytest.approx(math.log(2), rel=1e-4)
     assert values[0] < values[1] < values[2] and values[3] < values[1]
+
+
+def test_a_forced_preset_replaces_every_jobs_quality_and_a_bad_one_is_refused_naming_it() -> None:
+    from backend.config import PRESETS, config_for_job
+    from backend.pipeline import make_runner
+
+    runner = make_runner("tiny", "cpu", preset="small")
+    assert runner.preset == "small" and make_runner("tiny", "cpu").preset == "tiny"
+    config = config_for_job({"quality": "high", "steps": {"texture": 7}}, runner.preset)
+    assert (config.quality, config.coarse, config.texture.steps) == ("small", PRESETS["small"].coarse, 7)
+    with pytest.raises(ValueError, match="preset 'huge': expected one of draft, high, small, standard, tiny"):
+        make_runner("tiny", "cpu", preset="huge")
