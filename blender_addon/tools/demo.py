@@ -8,7 +8,7 @@
    (`--models oracle:out/oracle/spot.obj,spot_texture.png`: exact denoisers of its renders, so the
    pipeline makes a real cow without any weights), the tiny random models, or the real ones. On
    a GPU the oracle job runs the draft preset; on a CPU the backend forces the small one
-   (`serve --preset small`: 32² coarse renders, 300 coarse steps), which takes minutes.
+   (`serve --preset small`: 32² coarse renders, 600 coarse steps), which takes minutes.
 4. Generates from the prompt and image, pumping events (timers never run in the bpy module).
 5. Writes out/demo.blend, out/demo.glb and a Cycles render out/demo.png, then stops the backend.
 """
