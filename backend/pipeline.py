@@ -170,7 +170,7 @@ class Job:
             )
         self.reference_source = self._mask_reference()
         # 2. Where to start: the newest checkpoint of this job, or the beginning.
-        resume = self._load_checkpoint()
+        resume = self._load_checkpoint(first_stage="texture" if refine else "coarse")
         first = STAGES.index(resume.stage) if resume else (2 if refine else 0)
         # 3. The stages in order, each handing a typed object to the next.
         neus = surface = None
@@ -539,13 +539,18 @@ class Job:
         )
         self.ctx.save_checkpoint(ckpt.to_bytes(state))
 
-    def _load_checkpoint(self) -> ckpt.Checkpoint | None:
+    def _load_checkpoint(self, first_stage: str) -> ckpt.Checkpoint | None:
         if not getattr(self.ctx, "resumed", False):
             return None
         data = self.ctx.load_checkpoint()
         if data is None:
             return None
-        state = ckpt.from_bytes(data)
+        try:
+            state = ckpt.from_bytes(data)
+        except ckpt.OtherFormat as exc:  # written by another release: its state does not fit this one
+            self.ctx.emit("note", {"stage": first_stage, "text": (
+                f"the job's checkpoint was written by another release ({exc}); it starts again from the beginning")})
+            return None
         if state.job_key != self.key:
             return None  # another job's or another version's: start afresh
         return state

@@ -28,7 +28,12 @@ import safetensors.torch
 import torch
 
 FORMAT_VERSION = 3
-"""Bumped whenever the layout below changes; an older blob is refused with a clear message."""
+"""Bumped whenever the layout below (or a module's state) changes; another version's blob is
+refused with `OtherFormat`, and a job resuming from one starts afresh."""
+
+
+class OtherFormat(ValueError):
+    """A checkpoint written by another release (another `FORMAT_VERSION`)."""
 
 
 @dataclass
@@ -162,7 +167,7 @@ def from_bytes(data: bytes) -> Checkpoint:
         raise ValueError(f"checkpoint: cannot be read ({type(exc).__name__}: {exc})") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-        raise ValueError(f"checkpoint: format {found!r} is not {FORMAT_VERSION}")
+        raise OtherFormat(f"checkpoint: format {found!r} is not {FORMAT_VERSION}")
     return Checkpoint(
         stage=blob["stage"],
         step=blob["step"],

@@ -192,6 +192,28 @@ def test_a_job_resumed_mid_stage_continues_exactly_where_it_stopped(tmp_path: Pa
         assert got == pytest.approx(expected, rel=1e-5), f"step {step}"
 
 
+def test_a_checkpoint_of_another_release_starts_the_job_afresh_and_says_so(tmp_path: Path, runner) -> None:
+    import json
+
+    import safetensors.torch
+
+    params = {"prompt": "a cat", "steps": {"coarse": 3}}
+    first = _context(tmp_path, "generate", params, {})
+    first.stop_at = ("coarse", 2)
+    with pytest.raises(JobCancelled):
+        runner.run(first)
+    again = _context(tmp_path, "generate", params, {})
+    assert again.resumed and again.load_checkpoint() is not None
+    again.save_checkpoint(safetensors.torch.save({}, metadata={"dreamloom": json.dumps({"format": 2})}))
+    again.stop_at = ("coarse", 2)
+    with pytest.raises(JobCancelled):
+        runner.run(again)
+    assert [step for _, step, _ in again.steps_seen] == [1, 2]  # from the beginning, not from step 2
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    notes = [event["text"] for event in events if event["event"] == "note" and "another release" in event["text"]]
+    assert len(notes) == 1 and "(checkpoint: format 2 is not 3)" in notes[0]
+
+
 def test_a_diverging_job_fails_with_a_reason_and_keeps_its_meshes(tmp_path: Path, runner) -> None:
     ctx = _context(tmp_path, "generate", {"prompt": "a cat", "steps": {"coarse": 2, "geometry": 4}}, {})
     config = config_for_job(ctx.params, "tiny")

@@ -90,7 +90,7 @@ def test_a_foreign_checkpoint_is_refused_with_a_reason() -> None:
 
     with pytest.raises(ValueError, match="checkpoint: cannot be read"):
         ckpt.from_bytes(b"definitely not a checkpoint")
-    with pytest.raises(ValueError, match="checkpoint: format 99"):
+    with pytest.raises(ckpt.OtherFormat, match="checkpoint: format 99"):
         ckpt.from_bytes(safetensors.torch.save({}, metadata={"dreamloom": json.dumps({"format": 99})}))
 
 
