@@ -174,7 +174,8 @@ def generate_options(args: argparse.Namespace):
         raise BenchError(f"--out {args.out}: exists and is not a folder")
     return GenerateBenchOptions(mesh=args.mesh, texture=args.texture, quality=args.quality, out_dir=args.out,
                                 device=_device(args.device), text_only=args.text_only, steps=_steps(args.steps),
-                                stage_overrides=_stage_fields(args.set), seed=args.seed, distill=args.distill, log=lambda line: print(line, flush=True))
+                                stage_overrides=_stage_fields(args.set), seed=args.seed, distill=args.distill,
+                                log=lambda line: print(line, flush=True))
 
 
 def main(argv: list[str] | None = None) -> int:

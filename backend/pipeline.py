@@ -549,7 +549,8 @@ class Job:
             state = ckpt.from_bytes(data)
         except ckpt.OtherFormat as exc:  # written by another release: its state does not fit this one
             self.ctx.emit("note", {"stage": first_stage, "text": (
-                f"the job's checkpoint was written by another release ({exc}); it starts again from the beginning")})
+                f"the job's checkpoint was written by another release ({exc}); "
+                "it starts again from the beginning")})
             return None
         if state.job_key != self.key:
             return None  # another job's or another version's: start afresh

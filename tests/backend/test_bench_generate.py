@@ -89,7 +89,8 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     (["--mesh", str(MESHES / "spot.obj"), "--steps", "coarse=ten"], "--steps coarse=ten"),
     (["--mesh", str(MESHES / "spot.obj"), "--device", "tpu"], "--device tpu"),
     (["--mesh", str(MESHES / "spot.obj"), "--set", "coarse.nope=1"], "--set coarse.nope=1: coarse has no numeric field"),
-    (["--mesh", str(MESHES / "spot.obj"), "--set", "coarse.render_res=big"], "render_res takes an integer, got 'big'"),
+    (["--mesh", str(MESHES / "spot.obj"), "--set", "coarse.render_res=big"],
+     "render_res takes an integer, got 'big'"),
     (["--mesh", str(MESHES / "spot.obj"), "--set", "paint.lr=1"], "--set paint.lr=1: expected STAGE.FIELD=V"),
     (["--mesh", str(MESHES / "spot.obj"), "--set", "coarse.steps=9"], "step counts are set with --steps"),
 ])

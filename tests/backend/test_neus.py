@@ -146,8 +146,8 @@ def test_colour_follows_the_normal_but_its_gradient_never_reaches_the_geometry_t
     assert float((field.color_of(samples) - field.color_of(flipped)).abs().max()) > 1e-4  # the normal is an input
     # The colour's gradient w.r.t. the SDF gradient (hence the normal) is nothing; w.r.t. the
     # shared features it is not: colour shapes the geometry only the way DreamCraft3D's head does.
-    gradient, features = torch.autograd.grad(field.color_of(samples).sum(), (samples.gradient_nx3, samples.features_nxk),
-                                             allow_unused=True)
+    gradient, features = torch.autograd.grad(field.color_of(samples).sum(),
+                                             (samples.gradient_nx3, samples.features_nxk), allow_unused=True)
     assert gradient is None and bool(features.abs().sum() > 0)
 
 

@@ -210,7 +210,8 @@ def test_a_checkpoint_of_another_release_starts_the_job_afresh_and_says_so(tmp_p
         runner.run(again)
     assert [step for _, step, _ in again.steps_seen] == [1, 2]  # from the beginning, not from step 2
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    notes = [event["text"] for event in events if event["event"] == "note" and "another release" in event["text"]]
+    notes = [event["text"] for event in events
+             if event["event"] == "note" and "another release" in event["text"]]
     assert len(notes) == 1 and "(checkpoint: format 2 is not 3)" in notes[0]
 
 
