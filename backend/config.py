@@ -383,7 +383,8 @@ PRESETS: dict[str, PipelineConfig] = {
         target_faces=1000,
     ),
     # What a CPU finishes in minutes and still makes a recognisable object: the tiny preset with
-    # 32² coarse renders, 32³ streamed meshes and grid, 600 coarse and 100 geometry steps (`serve --preset small`: the oracle demo on a CPU; the CPU generation bench).
+    # 32² coarse renders, 32³ streamed meshes and grid, 600 coarse steps, 100 geometry steps of
+    # four 128² views (`serve --preset small`: the oracle demo on a CPU; the CPU generation bench).
     "small": PipelineConfig(
         quality="small",
         coarse=CoarseConfig(
@@ -391,7 +392,7 @@ PRESETS: dict[str, PipelineConfig] = {
             grid_log2_table_size=12, grid_start_levels=0, hidden_dim=16, occupancy_res=16,
             occupancy_every=4,
         ),
-        geometry=GeometryConfig(steps=100, render_res=64, dmtet_res=32),
+        geometry=GeometryConfig(steps=100, render_res=128, dmtet_res=32, batch=4),
         texture=TextureConfig(
             steps=30, render_res=64, bootstrap_period=10, restore_every=2, cache_size=4, restore_steps=2,
             lora_rank=4, init_fit_steps=10, color_levels=8, color_log2_table_size=14,
