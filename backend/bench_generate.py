@@ -46,7 +46,7 @@ class GenerateBenchOptions:
     mesh: Path
     """The ground-truth mesh (.obj, .glb, .gltf)."""
     texture: Path | None
-    """Its base-colour image, or None (the mesh's own, or world-normal colours)."""
+    """Its base-colour image, or None (the mesh's own, or the oracles' clay)."""
     quality: str
     """The pipeline preset: tiny, draft, standard or high."""
     out_dir: Path
