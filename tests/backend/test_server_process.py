@@ -156,3 +156,42 @@ def test_help_and_imports_need_no_torch() -> None:
     assert shown.returncode == 0
     for flag in ("--bind", "--store", "--keys", "--insecure", "--models", "--max-queue", "--device"):
         assert flag in shown.stdout
+
+
+def test_serve_preset_runs_every_job_at_that_preset(tmp_path: Path, suzanne_obj: Path, clients) -> None:
+    from backend.config import PRESETS
+
+    log_path = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "backend", "serve", "--bind", "tcp://127.0.0.1:*", "--store", str(tmp_path / "s"),
+               "--models", f"oracle:{suzanne_obj}", "--device", "cpu", "--preset", "tiny"]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "listening on" not in log_path.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = log_path.read_text()
+        assert "every job runs at the tiny preset" in text, text
+        client = connect(clients, text.split("listening on ")[1].split()[0])
+        reply = client.request(Message("submit", {"kind": "generate", "params": {"prompt": "a monkey head",
+                                                                                 "quality": "standard"}}), timeout_s=10)
+        assert reply.type == "accepted", reply.body
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the first coarse progress says how many steps the stage has
+            msg = client.recv(100)
+            if msg is not None and msg.body.get("stage") == "coarse" and "steps" in msg.body:
+                break
+        else:
+            pytest.fail(f"no coarse progress in 120 s:\n{log_path.read_text()}")
+        assert msg.body["steps"] == PRESETS["tiny"].coarse.steps != PRESETS["standard"].coarse.steps
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_an_unknown_preset_is_refused_naming_it(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "backend", "serve", "--preset", "huge", "--store", str(tmp_path / "s")],
+                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--preset" in done.stderr and "'huge'" in done.stderr
+    assert not (tmp_path / "s").exists()
