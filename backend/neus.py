@@ -142,15 +142,22 @@ class NeuSField(nn.Module):
         ``grad = sum_k o_k * sdf(x + eps * o_k) / (4 * eps)`` (exact for linear functions,
         since ``sum_k o_k = 0`` and ``sum_k o_k o_k^T = 4 I``): 5 evaluations per point.
         """
-        eps = self.config.normal_epsilon
-        offsets_4x3 = TETRAHEDRON_4X3.to(x_nx3)
-        shifted_4xnx3 = x_nx3[None] + eps * offsets_4x3[:, None, :]
-        points = torch.cat([x_nx3, shifted_4xnx3.reshape(-1, 3)])
-        sdf_all, features_all = self._sdf_and_features(points)
+        shifted_4nx3 = self._tetrahedron(x_nx3)
+        sdf_all, features_all = self._sdf_and_features(torch.cat([x_nx3, shifted_4nx3]))
         num = x_nx3.shape[0]
-        shifted_4xn = sdf_all[num:].reshape(4, num)
-        gradient_nx3 = (shifted_4xn[:, :, None] * offsets_4x3[:, None, :]).sum(dim=0) / (4.0 * eps)
-        return FieldSamples(sdf_n=sdf_all[:num], gradient_nx3=gradient_nx3, features_nxk=features_all[:num])
+        return FieldSamples(sdf_n=sdf_all[:num], gradient_nx3=self._fd_gradient(sdf_all[num:]),
+                            features_nxk=features_all[:num])
+
+    def _tetrahedron(self, x_nx3: Tensor) -> Tensor:
+        """The 4 points ``x + eps * o_k`` around each point, ``[4 * N, 3]`` (k-major)."""
+        offsets_4x3 = TETRAHEDRON_4X3.to(x_nx3)
+        return (x_nx3[None] + self.config.normal_epsilon * offsets_4x3[:, None, :]).reshape(-1, 3)
+
+    def _fd_gradient(self, shifted_sdf_4n: Tensor) -> Tensor:
+        """``sum_k o_k * sdf(x + eps * o_k) / (4 * eps)`` from the SDF at `_tetrahedron`'s points."""
+        offsets_4x3 = TETRAHEDRON_4X3.to(shifted_sdf_4n)
+        shifted_4xn = shifted_sdf_4n.reshape(4, -1)
+        return (shifted_4xn[:, :, None] * offsets_4x3[:, None, :]).sum(dim=0) / (4.0 * self.config.normal_epsilon)
 
     def sdf_and_normal(self, x_nx3: Tensor) -> tuple[Tensor, Tensor]:
         """SDF ``[N]`` and unit outward normal ``[N, 3]`` (finite differences)."""
@@ -164,8 +171,12 @@ class NeuSField(nn.Module):
         return torch.sigmoid(self.color_mlp(torch.cat([samples.features_nxk, samples.normal_nx3.detach()], dim=-1)))
 
     def color(self, x_nx3: Tensor) -> Tensor:
-        """RGB ``[N, 3]`` in [0, 1] at world points ``[N, 3]``."""
-        return self.color_of(self.query(x_nx3))
+        """RGB ``[N, 3]`` in [0, 1] at world points ``[N, 3]``. The normal's 4 SDF evaluations run
+        without a graph: `color_of` detaches the normal, so only the features are backwarded."""
+        sdf_n, features_nxk = self._sdf_and_features(x_nx3)
+        with torch.no_grad():
+            gradient_nx3 = self._fd_gradient(self._sdf_and_features(self._tetrahedron(x_nx3))[0])
+        return self.color_of(FieldSamples(sdf_n=sdf_n, gradient_nx3=gradient_nx3, features_nxk=features_nxk))
 
 
 # ---------------------------------------------------------------------------------------------
