@@ -173,8 +173,8 @@ def bench_job_class(models: str):
         return Job
 
     class RandomEncodingJob(Job):
-        def _embeddings(self, view_dependent: bool):
-            return self.guidance.bench_embeddings
+        def _embeddings(self, view_dependent: bool, prior=None):
+            return self.guidance.bench_embeddings  # the texture role is the 2D prior: the same shapes
 
         def _zero123_reference(self):
             return self.guidance.bench_reference if self.reference_source is not None else None

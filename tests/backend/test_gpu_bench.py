@@ -175,3 +175,18 @@ def test_the_pipeline_bench_reports_what_it_had_when_its_slot_ends(tmp_path: Pat
     assert coarse["extrapolated_s"] == pytest.approx(coarse["seconds"] + missing)
     assert report["extrapolated_total_s"] == pytest.approx(report["total_s"] + missing)
     assert "stopped: SIGTERM in coarse step" in stdout
+
+
+def test_the_full_size_bench_job_overrides_take_what_the_pipeline_passes() -> None:
+    """The full-size models run only on CUDA; their Job's overrides must keep the pipeline's
+    signatures (the texture stage passes `prior=`), or the bench breaks where no CPU test looks."""
+    import inspect
+
+    from backend.pipeline import Job
+    from backend.pipeline_bench import bench_job_class
+
+    bench_job = bench_job_class("full")
+    overrides = [name for name, value in vars(bench_job).items() if callable(value) and hasattr(Job, name)]
+    assert overrides
+    for name in overrides:
+        assert inspect.signature(getattr(bench_job, name)) == inspect.signature(getattr(Job, name)), name
