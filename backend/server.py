@@ -578,8 +578,10 @@ class Server:
         job = self._visible_job(incoming, request)
         with self._current_lock:  # the worker claims jobs under this lock too
             cancelled = self.store.cancel_if_queued(job.job_id)
-            if cancelled is None:
-                self._request_cancel(job.job_id)
+            waiting = cancelled is None and not self._request_cancel(job.job_id) and self.store.take_back(job.job_id)
+        if waiting:  # running, but between workers (its worker died): no worker will pick it up now
+            self._losses.pop(job.job_id, None)
+            self._finish(job.job_id, "cancelled", None)
         if cancelled is not None:
             self._dropped.append(time.monotonic())
             self._publish(cancelled)
@@ -841,7 +843,7 @@ class Server:
         with self._current_lock:  # claim and become running at once (see _cancel, _delete_job)
             claimed = self.store.claim_next(self._pick_fairly)
             if claimed is not None:
-                self._running[claimed[0].job_id] = RunningJob(hooks, worker.info, claimed[0].owner)
+                mine = self._running[claimed[0].job_id] = RunningJob(hooks, worker.info, claimed[0].owner)
                 self._served[claimed[0].owner] = time.monotonic()
         if claimed is None:
             self._work.wait(1.0)
@@ -850,26 +852,27 @@ class Server:
         # 2. Run it; a stop interrupts it and leaves it `running` for the next start; a worker
         #    that dies hands it back to resume on the next free one.
         record, resumed = claimed
-        alive = True
+        lost = False
         try:
             outcome = self._run_job(record, resumed, hooks, worker)
         except WorkerLost as exc:
-            outcome = self._worker_lost(record.job_id, worker, hooks, exc)
-            alive = worker.recover()
+            outcome, lost = self._worker_lost(record.job_id, worker, hooks, exc), True
         except Exception as exc:  # a fault of the server around the job, not of the runner
             log.exception("job %s: the worker failed", record.job_id)
             outcome = Outcome("failed", f"the server failed running this job: {type(exc).__name__}: {_one_line(exc)}")
             self._note_store_failure(exc)
         finally:
-            with self._current_lock:
-                self._running.pop(record.job_id, None)
+            with self._current_lock:  # a job handed back may already run on another worker: not its entry
+                if self._running.get(record.job_id) is mine:
+                    del self._running[record.job_id]
         # 3. Store and send how it ended (nothing when interrupted: it resumes).
         if outcome.state is not None:
             self._losses.pop(record.job_id, None)
             unfinished[record.job_id] = (outcome.state, outcome.reason)
             self._finish(record.job_id, outcome.state, outcome.reason)
             del unfinished[record.job_id]
-        return alive
+        # 4. A lost worker restarts (minutes, for a model load) once its job is settled.
+        return worker.recover() if lost else True
 
     def _pick_fairly(self, heads: list[QueuedHead]) -> str:
         """The queued job to run next, of the owners' oldest ones: the owner with the fewest

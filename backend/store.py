@@ -499,6 +499,15 @@ class JobStore:
         with self._lock:
             self._interrupted.append(job_id)
 
+    def take_back(self, job_id: str) -> bool:
+        """Withdraw a job waiting to resume (handed back, or running when the store was opened)
+        before a worker claims it; False if it is not waiting."""
+        with self._lock:
+            if job_id not in self._interrupted:
+                return False
+            self._interrupted.remove(job_id)
+            return True
+
     def cancel_if_queued(self, job_id: str) -> StoredEvent | None:
         """Cancel a queued job: store its `state: cancelled` event and return it; None (and no
         change) if the job is not queued (running or finished)."""
