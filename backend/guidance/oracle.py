@@ -71,6 +71,8 @@ FRAMING_ROUNDS = 3
 CLAY_LIGHT = (0.4, -0.6, 0.7)
 """Direction towards the clay's light, world frame (Z up, the reference camera on -Y): above, in
 front, a little to the right; fixed in the world, so the shading is the same from every camera."""
+CLAY_LIGHT_3 = torch.nn.functional.normalize(torch.tensor(CLAY_LIGHT), dim=0)
+"""`CLAY_LIGHT` as a unit vector."""
 CLAY_ALBEDO, CLAY_AMBIENT = 0.8, 0.35
 """Grey of the clay and the share of its light that reaches every side."""
 
@@ -79,8 +81,7 @@ def clay_rgb(normal_bxhxwx3: torch.Tensor, mask_bxhxwx1: torch.Tensor) -> torch.
     """An untextured object as a reference picture shows it: grey clay, Lambert-shaded by
     `CLAY_LIGHT` plus ambient light, [B, H, W, 3] in [0, 1], 0 where empty. The shading is a
     function of the surface alone (view-independent), as a colour field can hold it."""
-    light_3 = torch.nn.functional.normalize(torch.tensor(CLAY_LIGHT, device=normal_bxhxwx3.device), dim=0)
-    lambert_bxhxwx1 = (normal_bxhxwx3 * light_3).sum(-1, keepdim=True).clamp(min=0.0)
+    lambert_bxhxwx1 = (normal_bxhxwx3 * CLAY_LIGHT_3.to(normal_bxhxwx3)).sum(-1, keepdim=True).clamp(min=0.0)
     grey_bxhxwx1 = CLAY_ALBEDO * (CLAY_AMBIENT + (1.0 - CLAY_AMBIENT) * lambert_bxhxwx1) * mask_bxhxwx1
     return grey_bxhxwx1.repeat_interleave(3, dim=-1)
 

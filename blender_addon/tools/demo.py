@@ -207,7 +207,7 @@ def main(argv: list[str]) -> int:
         steps = args.steps
         if args.models == "oracle":
             settings.quality = "draft"
-            steps = steps or (ORACLE_STEPS if device != "cpu" else "")
+            steps = steps or ("" if preset else ORACLE_STEPS)  # a forced preset brings its own steps
         bpy.ops.dreamloom.generate(steps=steps)
         deadline = time.monotonic() + args.timeout
         last = ""
