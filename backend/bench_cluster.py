@@ -83,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from backend.cluster import start_workers, stop_workers
 
+    started = time.perf_counter()
     ray.init(num_cpus=1, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
+    ray_init_s = time.perf_counter() - started
     pool = start_workers(args.models, args.device, 1 if args.device == "cpu" else None)
+    workers_start_s = time.perf_counter() - started - ray_init_s
     try:
         on_ray = time_jobs(Server(config("ray"), None, None, pool), args.jobs)
     finally:
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     print(json.dumps({"jobs": args.jobs, "models": args.models, "device": args.device,
                       "in_process": local, "ray": on_ray,
+                      "ray_init_s": round(ray_init_s, 3), "workers_start_s": round(workers_start_s, 3),
                       "ray_overhead_s": round(on_ray["submit_to_done_s"] - local["submit_to_done_s"], 3)}))
     return 0
 

@@ -52,23 +52,29 @@ def _human(size: int) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
-def _each_role(sources, step: Callable[[str, str], str]) -> int:
-    """Run `step(role, source)` for every role that is on and print `role: <its line>`; a
-    ModelLoadError is printed as `role: FAILED: <sentence>` and the other roles go on. A texture
-    source equal to the 2D prior's is that role's files (loaded once as both)."""
+def _each_role(sources, step: Callable[[str, str], tuple[str, Path]]) -> int:
+    """Run `step(role, source) -> (line, folder)` for every role that is on and print
+    `role: <its line>`; a ModelLoadError is printed as `role: FAILED: <sentence>` and the other
+    roles go on. The texture role follows `load_models`: a latent 2D prior is it (its files,
+    loaded once as both), beside a pixel one it must be on."""
     from backend.guidance.errors import ModelLoadError
-    from backend.guidance.models import ROLES
+    from backend.guidance.models import ROLES, prior_kind, texture_role_missing
 
     failed = False
+    prior2d_folder: Path | None = None  # ROLES puts prior2d first
     for role in ROLES:
         source = getattr(sources, role)
         try:
-            if source is None:
-                line = "off"
-            elif role == "texture" and source == sources.prior2d:
+            if role == "texture" and prior2d_folder is not None and prior_kind(prior2d_folder) == "latent":
                 line = "the prior2d model"
+            elif source is None:
+                if role == "texture" and prior2d_folder is not None:
+                    raise texture_role_missing(sources.prior2d)
+                line = "off"
             else:
-                line = step(role, source)
+                line, folder = step(role, source)
+                if role == "prior2d":
+                    prior2d_folder = folder
         except ModelLoadError as error:
             line, failed = f"FAILED: {error}", True
         print(f"{role}: {line}", flush=True)
@@ -87,7 +93,7 @@ def run_fetch(args: argparse.Namespace) -> int:
 
     def fetch(role: str, source: str) -> str:
         if looks_like_path(source) or Path(source).expanduser().is_dir():
-            return f"{source} is a folder, nothing to fetch"
+            return f"{source} is a folder, nothing to fetch", Path(source).expanduser()
         repo_id, revision = split_revision(source)
         check_reachable(role, source, f"{role} model {source!r} cannot be fetched")
         with hub_errors(role, source):
@@ -95,7 +101,7 @@ def run_fetch(args: argparse.Namespace) -> int:
             print(f"{role}: {repo_id} at {remote.commit[:12]}: {len(remote.sizes)} files, "
                   f"{_human(sum(remote.sizes.values()))}", flush=True)
             folder = download(repo_id, revision, list(remote.sizes), args.to / role if args.to else None)
-        return f"done, {folder}"
+        return f"done, {folder}", Path(folder)
 
     return _each_role(locate_sources("default", None), fetch)
 
@@ -124,6 +130,6 @@ def run_check(args: argparse.Namespace) -> int:
         folder = resolve_source(role, source, half, offline=True)
         size = size_on_disk(folder, select_files(folder_listing(folder), PARTS[role], half))
         load_role(role, sources, folder, device, dtype)
-        return f"ok: {source} from {folder}, {_human(size)} on disk"
+        return f"ok: {source} from {folder}, {_human(size)} on disk", folder
 
     return _each_role(sources, check)

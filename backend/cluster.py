@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from backend.jobs import JobCancelled, JobContext, JobHooks, JobInterrupted, Outcome, run_job
 from backend.jobs import one_line
@@ -50,8 +50,9 @@ STOP_POLL_S = 0.1
 RETRY_S = 0.5
 """Wait between asking a restarting worker again."""
 DEFAULT_RAY_PORT = 6379
-LOST_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
-"""What Ray raises when a worker's process or node is gone."""
+LOST_ERRORS = RayActorError
+"""What Ray raises when a worker's process or node is gone (ActorDiedError and
+ActorUnavailableError are kinds of it)."""
 
 
 @dataclass(frozen=True)

@@ -470,19 +470,19 @@ class Server:
             )
         assert self._sock is not None
         log.info("hello from %s %s", request.body.get("client_name"), request.body.get("client_version"))
+        workers = self.workers  # one snapshot: a worker thread may rebind the list meanwhile
         return pm.reply_to(request, MessageType.WELCOME, {
             "server_version": SERVER_VERSION,
             "protocol": pm.PROTOCOL_VERSION,
-            "device": self._device_line(),
-            "models": self.workers[0].models if self.workers else {},
+            "device": self._device_line(workers),
+            "models": workers[0].models if workers else {},
             "max_message_bytes": self._sock.max_message_bytes,
             "heartbeat_ms": self._sock.heartbeat_ms,
             **self._health(),
         })
 
-    def _device_line(self) -> str:
+    def _device_line(self, workers: list[JobWorker]) -> str:
         """`welcome`'s device: the worker's, or how many workers and the first one's."""
-        workers = list(self.workers)
         if not workers:
             return self.config.device
         if len(workers) == 1:
@@ -815,7 +815,7 @@ class Server:
                     self._finish(job_id, state, reason)
                     del unfinished[job_id]
                 if not self._work_once(worker, unfinished):
-                    self._remove_worker(worker)
+                    self._remove_worker(worker, problem_key)
                     return
                 wait_s = STORE_RETRY_S[0]
                 self._problems.pop(problem_key, None)
@@ -829,9 +829,9 @@ class Server:
 
     def _probe_store(self) -> None:
         """Raise while a small write to the store still fails; clear the problem once it works."""
-        probe = self.config.store_dir / f".write-probe-{threading.get_ident()}"
+        probe = self.config.store_dir / ".write-probe"  # workers share it: each writes its own temp file
         write_file_atomic(probe, bytes(64 * 2**10))
-        probe.unlink()
+        probe.unlink(missing_ok=True)
         problem = self._problems.pop("store", None)
         if problem is not None:
             log.info("the store can be written again: %s", problem)
@@ -899,11 +899,12 @@ class Server:
         self._work.set()
         return Outcome(None)
 
-    def _remove_worker(self, worker: JobWorker) -> None:
-        """Take a worker that cannot serve again out of the pool; the others go on."""
+    def _remove_worker(self, worker: JobWorker, problem_key: str) -> None:
+        """Take a worker that cannot serve again out of the pool (its line in `degraded`, under
+        the key its loop started with, replaces any store problem of its own); the others go on."""
         self.workers = [other for other in self.workers if other is not worker]
-        self._problems[f"worker {worker.info.name}"] = f"worker {worker.info.name} left the pool: {worker.problem}"
-        log.error("%s; %d workers serve", self._problems[f"worker {worker.info.name}"], len(self.workers))
+        self._problems[problem_key] = f"worker {worker.info.name} left the pool: {worker.problem}"
+        log.error("%s; %d workers serve", self._problems[problem_key], len(self.workers))
         if not self.workers:
             self.runner_missing = "every worker left the pool (the server's log says why)"
 
@@ -932,7 +933,7 @@ class Server:
         ctx = JobContext(job_id=job_id, kind=record.kind, params=params, inputs=inputs,
                          resumed=resumed, store=self.store, hooks=hooks)
         # 2. Run it and turn the way it ended into the job's last state.
-        outcome = worker.execute(ctx, dataclasses.replace(record, state="running", last_seq=announced.seq))
+        outcome = worker.execute(ctx, dataclasses.replace(record, last_seq=announced.seq))
         if outcome.error is not None:
             self._note_store_failure(outcome.error)
         return outcome

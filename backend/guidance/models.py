@@ -381,13 +381,9 @@ def load_models(
     if "texture" in roles and not shared:
         if located.texture is not None:
             folders["texture"] = resolve_source("texture", located.texture, half)
+            check_texture_folder(located.texture, folders["texture"])  # before anything heavy loads
         elif "prior2d" in folders:
-            raise ModelLoadError(
-                "texture", "none", f"texture model: the 2D prior {located.prior2d!r} is a pixel prior (no vae/, "
-                f"DeepFloyd IF) and the texture role is off or missing; BSD needs a latent Stable Diffusion "
-                f"prior: set DREAMLOOM_MODEL_TEXTURE to a hub id or folder (default {SD21_BASE!r}), or put "
-                f"one in DIR/texture for --models DIR."
-            )
+            raise texture_role_missing(located.prior2d)
     # 3. Load them.
     loaded: dict[str, Any] = {role: None for role in ROLES}
     for role, folder in folders.items():
@@ -660,6 +656,23 @@ def prior_kind(folder: Path) -> str:
     return "latent" if (folder / "vae").is_dir() else "pixel"
 
 
+def texture_role_missing(prior2d_source: str) -> ModelLoadError:
+    """The refusal of a pixel 2D prior (DeepFloyd IF) with the texture role off or missing."""
+    return ModelLoadError(
+        "texture", "none", f"texture model: the 2D prior {prior2d_source!r} is a pixel prior (no vae/, "
+        f"DeepFloyd IF) and the texture role is off or missing; BSD needs a latent Stable Diffusion "
+        f"prior: set DREAMLOOM_MODEL_TEXTURE to a hub id or folder (default {SD21_BASE!r}), or put "
+        f"one in DIR/texture for --models DIR."
+    )
+
+
+def check_texture_folder(source: str, folder: Path) -> None:
+    """ModelLoadError unless `folder` can be the texture prior: BSD needs a latent (SD) pipeline."""
+    if prior_kind(folder) != "latent":
+        raise ModelLoadError("texture", source, f"texture model {source!r}: {folder} has no vae/ subfolder; BSD "
+                             f"needs a latent Stable Diffusion pipeline folder, not a pixel prior.")
+
+
 def _load_prior2d(role: str, source: str, folder: Path, device: torch.device, dtype: torch.dtype) -> Prior2D:
     """A text-to-image prior: the 2D prior (latent or pixel) or the texture prior (latent only)."""
     import transformers
@@ -669,9 +682,8 @@ def _load_prior2d(role: str, source: str, folder: Path, device: torch.device, dt
         raise ModelLoadError(role, source, f"{role} model {source!r}: {folder} has no unet/ subfolder; "
                              f"expected a Stable Diffusion or DeepFloyd IF pipeline folder.")
     kind = prior_kind(folder)
-    if role == "texture" and kind != "latent":
-        raise ModelLoadError(role, source, f"{role} model {source!r}: {folder} has no vae/ subfolder; BSD needs "
-                             f"a latent Stable Diffusion pipeline folder, not a pixel prior.")
+    if role == "texture":
+        check_texture_folder(source, folder)
     unet = _from_pretrained(role, source, folder, "unet", UNet2DConditionModel, dtype)
     vae = _from_pretrained(role, source, folder, "vae", AutoencoderKL, dtype) if kind == "latent" else None
 

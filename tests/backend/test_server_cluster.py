@@ -296,12 +296,6 @@ def test_an_unreachable_ray_address_fails_at_start_in_seconds_with_one_line(tmp_
     assert len(lines) == 1 and lines[0].startswith(f"python -m backend serve: error: --ray 127.0.0.1:{port}: cannot reach")
 
 
-def test_without_ray_the_server_does_not_import_it() -> None:
-    code = ("import sys; from backend.__main__ import build_parser; from backend.server import Server; "
-            "build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
-
-
 def test_a_workers_context_knows_whether_the_front_stored_the_result() -> None:
     """The relay store a job's context writes to on a worker answers `has_result` as the front's
     store would: from what the front had stored when it started the job, then from the job."""

