@@ -6,8 +6,9 @@ socket, job store, a client on loopback): first with the in-process worker, then
 worker on a local Ray (`ray.init`, no dashboard). Per path it reports the median seconds from
 `submit` to the `done` event, from `submit` to the `running` event (the claim) and to the first
 `stage` event (the job reached the runner), and the events per job. Prints one JSON object.
-Model loading is outside the timings (both paths load once, before the first job). DIR must not
-exist.
+Model loading is outside those timings (both paths load once, before the first job); the start of
+the Ray path is reported on its own: `ray_init_s` and `workers_start_s` (the worker's process and
+its model load). DIR must not exist.
 """
 
 from __future__ import annotations
